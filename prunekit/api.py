@@ -1,0 +1,159 @@
+"""The Python API: `load_model`, `prune`, `evaluate`, `save`. The CLI is a thin layer on it."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from prunekit.allocation import allocate
+from prunekit.data import calibration_windows, load_text
+from prunekit.errors import PrunekitError, choice_error
+from prunekit.eval.perplexity import perplexity
+from prunekit.export import save_pruned
+from prunekit.masks import SCOPES, Pattern, check_sparsity
+from prunekit.methods import PruneRequest, get_method
+from prunekit.models.adapter import weight_matrix
+from prunekit.models.loading import LoadedModel, load_model
+from prunekit.record import (
+    PruneRecord,
+    count_parameters,
+    layer_sparsity,
+    overall_sparsity,
+    peak_rss_mb,
+)
+
+__all__ = ["evaluate", "load_model", "prune", "save"]
+
+
+def _check_seqlen(lm: LoadedModel, seqlen: int) -> None:
+    limit = lm.adapter.max_context
+    if limit is not None and seqlen > limit:
+        raise PrunekitError(f"seqlen {seqlen} exceeds the model's context of {limit} tokens")
+    if seqlen < 2:
+        raise PrunekitError(f"seqlen must be at least 2, got {seqlen}")
+
+
+def _check_nm_shapes(lm: LoadedModel, pattern: Pattern) -> None:
+    for block in lm.adapter.blocks:
+        for path, module in lm.adapter.linears(block).items():
+            in_features = weight_matrix(module).shape[1]
+            if in_features % pattern.m:
+                raise PrunekitError(
+                    f"pattern {pattern} needs every layer's input width divisible by "
+                    f"{pattern.m}; {path} has {in_features}"
+                )
+
+
+def prune(
+    lm: LoadedModel,
+    method: str = "wanda",
+    sparsity: float | None = 0.5,
+    pattern: str = "unstructured",
+    calib: str = "wikitext2",
+    nsamples: int = 64,
+    seqlen: int = 512,
+    seed: int = 0,
+    scope: str = "row",
+    allocation: str = "uniform",
+    device: str = "cpu",
+    batch_size: int = 8,
+    options: dict[str, Any] | None = None,
+) -> PruneRecord:
+    """Prune `lm.model` in place and return how it was done.
+
+    `sparsity` is the mean share of weights (or structure) removed; an N:M `pattern`
+    implies it (1 - N/M). `options` are the method's own (`prunekit methods` lists them).
+    """
+    method_cls = get_method(method)
+    config = method_cls.Config.from_options(options or {})
+    parsed = Pattern.parse(pattern)
+    if parsed.is_nm:
+        if not method_cls.supports_nm:
+            raise PrunekitError(f"method {method!r} does not support N:M patterns")
+        if sparsity is not None and abs(sparsity - parsed.sparsity) > 1e-9:
+            raise PrunekitError(
+                f"sparsity {sparsity} conflicts with pattern {pattern} "
+                f"(which keeps {parsed.n} of {parsed.m}, i.e. sparsity {parsed.sparsity:g})"
+            )
+        sparsity = parsed.sparsity
+    if sparsity is None:
+        raise PrunekitError("sparsity is required with an unstructured pattern")
+    sparsity = check_sparsity(sparsity)
+    if scope not in SCOPES:
+        raise choice_error("scope", scope, SCOPES)
+    if nsamples < 1:
+        raise PrunekitError(f"nsamples must be at least 1, got {nsamples}")
+    _check_seqlen(lm, seqlen)
+    if parsed.is_nm:
+        _check_nm_shapes(lm, parsed)
+    request = PruneRequest(
+        sparsity=sparsity,
+        pattern=parsed,
+        scope=scope,
+        device=device,
+        batch_size=batch_size,
+        seed=seed,
+    )
+
+    start = time.perf_counter()
+    torch.manual_seed(seed)
+    windows, calibration = None, None
+    if method_cls.needs_calibration or allocation != "uniform":
+        source = load_text(calib, purpose="calib")
+        windows = calibration_windows(lm.tokenizer, source.text, nsamples, seqlen, seed)
+        calibration = {
+            "source": source.describe(),
+            "nsamples": nsamples,
+            "seqlen": seqlen,
+            "seed": seed,
+            "windows_sha256": hashlib.sha256(windows.numpy().tobytes()).hexdigest(),
+        }
+    params_before = count_parameters(lm.model)
+    request.layer_sparsity = allocate(allocation, lm, windows, request)
+    details = method_cls(config).run(lm, windows, request) or {}
+    request_dict = dataclasses.asdict(request)
+    request_dict["pattern"] = str(parsed)
+    request_dict["allocation"] = allocation
+    return PruneRecord(
+        source_model=lm.source,
+        method=method,
+        config=dataclasses.asdict(config),
+        request=request_dict,
+        calibration=calibration,
+        layer_sparsity=layer_sparsity(lm.adapter),
+        overall_sparsity=overall_sparsity(lm.adapter),
+        parameters_before=params_before,
+        parameters_after=count_parameters(lm.model),
+        wall_time_s=time.perf_counter() - start,
+        peak_rss_mb=peak_rss_mb(),
+        details=details,
+    )
+
+
+def evaluate(
+    lm: LoadedModel,
+    tasks: list[str] | tuple[str, ...] = ("wikitext2",),
+    seqlen: int = 1024,
+    limit: int | None = None,
+    batch_size: int = 1,
+) -> dict[str, dict[str, Any]]:
+    """Perplexity on each dataset in `tasks`: `{name: PerplexityResult as dict}`.
+
+    `limit` evaluates only the first `limit` windows of each (quick runs).
+    """
+    _check_seqlen(lm, seqlen)
+    results = {}
+    for task in tasks:
+        result = perplexity(lm.model, lm.tokenizer, task, seqlen, limit, batch_size)
+        results[task] = result.as_dict()
+    return results
+
+
+def save(lm: LoadedModel, out: str | Path, record: PruneRecord, overwrite: bool = False) -> Path:
+    """Write `lm` as a HF folder with its prunekit.json (atomically)."""
+    return save_pruned(lm, out, record.as_dict(), overwrite)

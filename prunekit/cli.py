@@ -1,0 +1,165 @@
+"""The `prunekit` command line: a thin layer over `prunekit.api`."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from prunekit import api
+from prunekit.errors import PrunekitError
+from prunekit.export import check_output_dir
+from prunekit.methods import REGISTRY
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Prune large language models: one API, one CLI, one evaluation protocol.",
+)
+
+
+def _split(values: str) -> list[str]:
+    return [v.strip() for v in values.split(",") if v.strip()]
+
+
+def _parse_options(pairs: list[str]) -> dict[str, str]:
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise PrunekitError(f"option {pair!r} must look like key=value")
+        options[key.strip().replace("-", "_")] = value.strip()
+    return options
+
+
+def _write_json(path: Path | None, payload: dict[str, Any]) -> None:
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(payload, indent=2) + "\n")
+
+
+def _print_ppl_table(dense: dict[str, dict], pruned: dict[str, dict] | None) -> None:
+    header = f"{'dataset':<16}{'dense ppl':>12}" + (
+        f"{'pruned ppl':>13}{'ratio':>8}" if pruned else ""
+    )
+    typer.echo(header)
+    for name, result in dense.items():
+        line = f"{name:<16}{result['perplexity']:>12.3f}"
+        if pruned:
+            p = pruned[name]["perplexity"]
+            line += f"{p:>13.3f}{p / result['perplexity']:>8.2f}"
+        typer.echo(line)
+
+
+@app.command()
+def prune(
+    model: str = typer.Argument(..., help="HF folder, hub id, .gguf file, or alias"),
+    method: str = typer.Option("wanda", help="pruning method (see `prunekit methods`)"),
+    sparsity: float | None = typer.Option(None, help="share of weights removed, in [0, 1)"),
+    pattern: str = typer.Option("unstructured", help="unstructured, or N:M such as 2:4"),
+    scope: str = typer.Option("row", help="unstructured comparison group: row or layer"),
+    allocation: str = typer.Option("uniform", help="per-block sparsity allocation"),
+    calib: str = typer.Option("wikitext2", help="calibration dataset or text file"),
+    nsamples: int = typer.Option(64, help="calibration windows"),
+    seqlen: int = typer.Option(512, help="tokens per calibration window"),
+    seed: int = typer.Option(0, help="seed of every random choice"),
+    device: str = typer.Option("cpu", help="compute device for the current block"),
+    batch_size: int = typer.Option(8, help="windows per forward pass"),
+    opt: list[str] = typer.Option([], "--opt", help="method option key=value (repeatable)"),
+    out: Path | None = typer.Option(None, help="write the pruned model here"),
+    overwrite: bool = typer.Option(False, help="replace an existing --out folder"),
+    eval: str = typer.Option("", "--eval", help="datasets to evaluate, e.g. wikitext2,ptb"),
+    eval_seqlen: int = typer.Option(1024, help="evaluation window length"),
+    eval_limit: int | None = typer.Option(None, help="evaluate only the first N windows"),
+    json_path: Path | None = typer.Option(None, "--json", help="write the run's record here"),
+) -> None:
+    """Prune MODEL and optionally evaluate and save it."""
+    if out is not None:
+        check_output_dir(out, overwrite)
+    options = _parse_options(opt)
+    if sparsity is None and pattern == "unstructured":
+        sparsity = 0.5
+    lm = api.load_model(model, device="cpu")
+    tasks = _split(eval)
+    dense = api.evaluate(lm, tasks, eval_seqlen, eval_limit) if tasks else {}
+    record = api.prune(
+        lm,
+        method=method,
+        sparsity=sparsity,
+        pattern=pattern,
+        calib=calib,
+        nsamples=nsamples,
+        seqlen=seqlen,
+        seed=seed,
+        scope=scope,
+        allocation=allocation,
+        device=device,
+        batch_size=batch_size,
+        options=options,
+    )
+    if tasks:
+        pruned = api.evaluate(lm, tasks, eval_seqlen, eval_limit)
+        record.evaluation = {"dense": dense, "pruned": pruned}
+    typer.echo(
+        f"{method} {record.request['pattern']} on {model}: sparsity "
+        f"{record.overall_sparsity:.4f}, {record.wall_time_s:.1f} s, "
+        f"peak RSS {record.peak_rss_mb:.0f} MiB"
+    )
+    if tasks:
+        _print_ppl_table(dense, record.evaluation["pruned"])
+    if out is not None:
+        api.save(lm, out, record, overwrite)
+        typer.echo(f"saved to {out}")
+    _write_json(json_path, record.as_dict())
+
+
+@app.command("eval")
+def evaluate(
+    model: str = typer.Argument(..., help="HF folder, hub id, .gguf file, alias, or pruned dir"),
+    tasks: str = typer.Option("wikitext2", help="comma-separated datasets"),
+    seqlen: int = typer.Option(1024, help="evaluation window length"),
+    limit: int | None = typer.Option(None, help="evaluate only the first N windows"),
+    json_path: Path | None = typer.Option(None, "--json", help="write results here"),
+) -> None:
+    """Perplexity of MODEL on each dataset."""
+    lm = api.load_model(model)
+    results = api.evaluate(lm, _split(tasks), seqlen, limit)
+    _print_ppl_table(results, None)
+    _write_json(json_path, {"model": model, "results": results})
+
+
+@app.command()
+def methods() -> None:
+    """List registered methods with one line each and their options."""
+    for name in sorted(REGISTRY):
+        cls = REGISTRY[name]
+        typer.echo(f"{name:<18}[{cls.kind}] {cls.summary}")
+        for field in dataclasses.fields(cls.Config):
+            typer.echo(f"{'':<20}--opt {field.name}={field.default!r}")
+
+
+def main() -> None:
+    """Entry point: user errors become one line on stderr and exit code 2."""
+    try:
+        app(standalone_mode=False)
+    except PrunekitError as err:
+        typer.echo(f"error: {err}", err=True)
+        sys.exit(2)
+    except (typer.Abort, KeyboardInterrupt):
+        typer.echo("aborted", err=True)
+        sys.exit(130)
+    except Exception as err:  # click usage errors carry their own exit code
+        import click
+
+        if isinstance(err, click.ClickException):
+            err.show()
+            sys.exit(err.exit_code)
+        raise
+
+
+if __name__ == "__main__":
+    main()

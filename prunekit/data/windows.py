@@ -1,0 +1,62 @@
+"""Token windows for calibration (seeded random) and evaluation (non-overlapping)."""
+
+from __future__ import annotations
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from prunekit.errors import PrunekitError
+
+
+def tokenize(tokenizer: PreTrainedTokenizerBase, text: str) -> torch.Tensor:
+    """The whole text as one 1-D LongTensor of token ids, without special tokens."""
+    ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def _with_bos(tokenizer: PreTrainedTokenizerBase, body: torch.Tensor) -> torch.Tensor:
+    """Prefix each row of `body` [n, L'] with BOS when the tokenizer defines one."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return body
+    return torch.cat([torch.full((body.shape[0], 1), bos, dtype=body.dtype), body], dim=1)
+
+
+def body_length(tokenizer: PreTrainedTokenizerBase, seqlen: int) -> int:
+    """Text tokens per window: seqlen minus one when a BOS token is prepended."""
+    return seqlen - (tokenizer.bos_token_id is not None)
+
+
+def calibration_windows(
+    tokenizer: PreTrainedTokenizerBase, text: str, nsamples: int, seqlen: int, seed: int
+) -> torch.Tensor:
+    """`nsamples` windows of `seqlen` tokens at seeded random offsets: [nsamples, seqlen]."""
+    if nsamples < 1 or seqlen < 2:
+        raise PrunekitError(f"nsamples must be >= 1 and seqlen >= 2, got {nsamples}, {seqlen}")
+    ids = tokenize(tokenizer, text)
+    body = body_length(tokenizer, seqlen)
+    if ids.numel() <= body:
+        raise PrunekitError(
+            f"calibration text has {ids.numel()} tokens, fewer than one window of {seqlen}"
+        )
+    generator = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, ids.numel() - body, (nsamples,), generator=generator)
+    rows = torch.stack([ids[s : s + body] for s in starts.tolist()])
+    return _with_bos(tokenizer, rows)
+
+
+def evaluation_windows(
+    tokenizer: PreTrainedTokenizerBase, text: str, seqlen: int, limit: int | None = None
+) -> torch.Tensor:
+    """The text cut into consecutive non-overlapping windows: [n, seqlen].
+
+    The tail shorter than a window is dropped; `limit` keeps the first `limit` windows.
+    """
+    ids = tokenize(tokenizer, text)
+    body = body_length(tokenizer, seqlen)
+    n = ids.numel() // body
+    if n == 0:
+        raise PrunekitError(f"evaluation text has {ids.numel()} tokens, fewer than {seqlen}")
+    if limit is not None:
+        n = min(n, limit)
+    return _with_bos(tokenizer, ids[: n * body].view(n, body))

@@ -1,0 +1,127 @@
+"""SparseGPT (Frantar & Alistarh, ICML 2023): OBS pruning with lazy block updates.
+
+Columns are visited left to right in blocks of `blocksize`; inside a block the mask is
+chosen adaptively by w² / [H⁻¹]²_jj and each pruned weight's error is spread over the
+remaining columns through the upper Cholesky factor of H⁻¹.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from prunekit.engine.runner import LayerStats
+from prunekit.masks import Target, prune_count
+from prunekit.methods.base import LayerwiseMethod, MethodConfig, register
+from prunekit.models.adapter import set_weight_matrix, weight_matrix
+
+
+@dataclass
+class SparseGPTConfig(MethodConfig):
+    blocksize: int = 128  # columns per lazy update block
+    percdamp: float = 0.01  # damping, as a fraction of mean(diag(H))
+
+
+def inverse_hessian_factor(hessian: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, float]:
+    """Upper Cholesky factor U of (H + λI)⁻¹ with U ᵀU = (H + λI)⁻¹; returns (U, percdamp used).
+
+    When the Cholesky fails, the damping is multiplied by 10 (up to 5 times) with a warning.
+    """
+    eye = torch.eye(hessian.shape[0], dtype=hessian.dtype, device=hessian.device)
+    mean_diag = torch.diag(hessian).mean().clamp_min(1e-12)
+    damp = percdamp
+    for _ in range(6):
+        chol, info = torch.linalg.cholesky_ex(hessian + damp * mean_diag * eye)
+        if info == 0:
+            inverse = torch.cholesky_inverse(chol)
+            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            if info == 0:
+                return upper, damp
+        warnings.warn(
+            f"Cholesky of the Hessian failed at damping {damp:g}; retrying with {damp * 10:g}",
+            stacklevel=2,
+        )
+        damp *= 10
+    raise RuntimeError("Hessian is not positive definite even with damping 1e5 x percdamp")
+
+
+def prepare_hessian(hessian: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Copy H, giving dead inputs (H_jj = 0) a unit diagonal; their weights are zeroed."""
+    hessian = hessian.clone()
+    dead = torch.diag(hessian) == 0
+    hessian[dead, dead] = 1
+    weight[:, dead] = 0
+    return hessian
+
+
+def _block_prune_counts(target: Target, rows: int, i1: int, i2: int) -> int:
+    """Weights to prune in columns [i1, i2): per row (row scope) or in total (layer scope)."""
+    scale = 1 if target.scope == "row" else rows
+    return prune_count(scale * i2, target.sparsity) - prune_count(scale * i1, target.sparsity)
+
+
+def _block_mask(scores: torch.Tensor, target: Target, count: int) -> torch.Tensor:
+    """Pruned positions (True) of one column block from OBS scores [rows, cols]."""
+    pruned = torch.zeros_like(scores, dtype=torch.bool)
+    if count <= 0:
+        return pruned
+    if target.scope == "row":
+        idx = torch.topk(scores, count, dim=1, largest=False).indices
+        return pruned.scatter_(1, idx, True)
+    idx = torch.topk(scores.flatten(), count, largest=False).indices
+    return pruned.view(-1).index_fill_(0, idx, True).view_as(scores)
+
+
+def sparsegpt_prune(
+    weight: torch.Tensor, hessian: torch.Tensor, target: Target, blocksize: int, percdamp: float
+) -> tuple[torch.Tensor, float]:
+    """Pruned and updated copy of `weight` [out, in] given H [in, in]; also the damping used."""
+    w = weight.float().clone()
+    rows, cols = w.shape
+    upper, damp = inverse_hessian_factor(prepare_hessian(hessian.float(), w), percdamp)
+    n, m = target.pattern.n, target.pattern.m
+    if m:
+        blocksize = max(m, blocksize // m * m)
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        w1 = w[:, i1:i2].clone()
+        u1 = upper[i1:i2, i1:i2]
+        diag = torch.diag(u1)
+        err = torch.zeros_like(w1)
+        if m:
+            pruned = torch.zeros_like(w1, dtype=torch.bool)
+        else:
+            count = _block_prune_counts(target, rows, i1, i2)
+            pruned = _block_mask(w1.pow(2) / diag.pow(2), target, count)
+        for i in range(i2 - i1):
+            if m and i % m == 0:
+                group = w1[:, i : i + m].pow(2) / diag[i : i + m].pow(2)
+                drop = torch.topk(group, m - n, dim=1, largest=False).indices
+                pruned[:, i : i + m].scatter_(1, drop, True)
+            col = w1[:, i]
+            kept = col.masked_fill(pruned[:, i], 0)
+            e = (col - kept) / diag[i]
+            w1[:, i:] -= e.unsqueeze(1) * u1[i, i:].unsqueeze(0)
+            w1[:, i] = kept
+            err[:, i] = e
+        w[:, i1:i2] = w1
+        w[:, i2:] -= err @ upper[i1:i2, i2:]
+    return w, damp
+
+
+@register
+class SparseGPT(LayerwiseMethod):
+    name = "sparsegpt"
+    summary = "OBS mask selection with weight reconstruction from the Hessian XᵀX"
+    needs = ("hessian",)
+    Config = SparseGPTConfig
+
+    def prune_linear(self, module: nn.Module, stats: LayerStats, target: Target, path: str) -> None:
+        weight = weight_matrix(module)
+        new, _ = sparsegpt_prune(
+            weight, stats["hessian"], target, self.config.blocksize, self.config.percdamp
+        )
+        set_weight_matrix(module, new)

@@ -1,0 +1,147 @@
+"""ModelAdapter: where an architecture keeps its blocks, linears, norms and heads.
+
+Methods never name architectures: they ask the adapter for blocks, for the linears of a
+block by role (q, k, v, o, gate, up, down, ...) and for the head geometry.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+ATTENTION_ROLES = ("q", "k", "v", "qkv", "o")
+MLP_ROLES = ("gate", "up", "gate_up", "down")
+
+
+@dataclass(frozen=True)
+class FamilySpec:
+    """Module paths of one architecture family, relative to the model or to a block.
+
+    `linears` maps a role to its path inside a block. Roles: q, k, v, o (separate
+    attention projections), qkv (fused attention input), gate, up, down (GLU MLP),
+    gate_up (fused GLU input); a plain MLP uses up (fc1) and down (fc2).
+    `glu` is True when the MLP is act(gate(x)) * up(x).
+    """
+
+    model_types: tuple[str, ...]
+    blocks: str
+    final_norm: str
+    embed: str
+    linears: dict[str, str]
+    norms: dict[str, str] = field(default_factory=dict)
+    glu: bool = True
+
+
+def get_path(root: nn.Module, path: str) -> nn.Module:
+    """`get_path(model, "model.layers")` follows dotted attribute names."""
+    module = root
+    for part in path.split("."):
+        module = getattr(module, part)
+    return module
+
+
+def set_path(root: nn.Module, path: str, value: nn.Module) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(get_path(root, parent) if parent else root, name, value)
+
+
+def weight_matrix(module: nn.Module) -> torch.Tensor:
+    """The weight of a linear-like module as an [out_features, in_features] view.
+
+    GPT-2's `Conv1D` stores [in, out]; its transpose is returned (a view, so in-place
+    writes reach the module).
+    """
+    if isinstance(module, Conv1D):
+        return module.weight.data.t()
+    return module.weight.data
+
+
+def set_weight_matrix(module: nn.Module, weight: torch.Tensor) -> None:
+    """Write an [out, in] matrix back into a linear-like module, keeping its dtype."""
+    target = weight_matrix(module)
+    target.copy_(weight.to(target.dtype))
+
+
+class ModelAdapter:
+    """Architecture-independent view of a causal LM (`transformers` PreTrainedModel)."""
+
+    def __init__(self, model: nn.Module, spec: FamilySpec):
+        self.model = model
+        self.spec = spec
+        self.config = model.config
+
+    # -- structure -------------------------------------------------------------------
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return get_path(self.model, self.spec.blocks)
+
+    @property
+    def final_norm(self) -> nn.Module:
+        return get_path(self.model, self.spec.final_norm)
+
+    @property
+    def embed(self) -> nn.Module:
+        return get_path(self.model, self.spec.embed)
+
+    @property
+    def lm_head(self) -> nn.Module:
+        return self.model.get_output_embeddings()
+
+    def linears(self, block: nn.Module) -> dict[str, nn.Module]:
+        """Prunable linears of a block, `{path inside block: module}`, attention first."""
+        return {path: get_path(block, path) for path in self.spec.linears.values()}
+
+    def linear(self, block: nn.Module, role: str) -> nn.Module:
+        return get_path(block, self.spec.linears[role])
+
+    def role(self, path: str) -> str:
+        """Role ("q", "down", ...) of a linear given its path inside a block."""
+        for role, p in self.spec.linears.items():
+            if p == path:
+                return role
+        raise KeyError(path)
+
+    def norm(self, block: nn.Module, role: str) -> nn.Module:
+        return get_path(block, self.spec.norms[role])
+
+    # -- geometry --------------------------------------------------------------------
+    @property
+    def num_layers(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def hidden_size(self) -> int:
+        c = self.config
+        return getattr(c, "hidden_size", None) or c.n_embd
+
+    @property
+    def num_heads(self) -> int:
+        c = self.config
+        return getattr(c, "num_attention_heads", None) or c.n_head
+
+    @property
+    def num_kv_heads(self) -> int:
+        return getattr(self.config, "num_key_value_heads", None) or self.num_heads
+
+    @property
+    def head_dim(self) -> int:
+        return getattr(self.config, "head_dim", None) or self.hidden_size // self.num_heads
+
+    @property
+    def max_context(self) -> int | None:
+        """Longest sequence the model accepts (tokens), or None when unbounded."""
+        c = self.config
+        return getattr(c, "max_position_embeddings", None) or getattr(c, "n_positions", None)
+
+    @property
+    def model_type(self) -> str:
+        return self.config.model_type
+
+    def describe(self) -> str:
+        return (
+            f"{self.model_type}: {self.num_layers} blocks, hidden {self.hidden_size}, "
+            f"{self.num_heads} heads ({self.num_kv_heads} KV), head_dim {self.head_dim}"
+        )

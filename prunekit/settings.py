@@ -1,0 +1,18 @@
+"""Where prunekit finds local data and keeps its cache (environment settings)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def data_dir() -> Path | None:
+    """`$PRUNEKIT_DATA_DIR`: a folder holding `data/text`, `data/tasks` and `models/`."""
+    value = os.environ.get("PRUNEKIT_DATA_DIR")
+    return Path(value).expanduser() if value else None
+
+
+def cache_dir() -> Path:
+    """`$PRUNEKIT_CACHE_DIR`, else `~/.cache/prunekit`: converted models live here."""
+    value = os.environ.get("PRUNEKIT_CACHE_DIR")
+    return Path(value).expanduser() if value else Path.home() / ".cache" / "prunekit"
