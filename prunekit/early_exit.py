@@ -254,20 +254,28 @@ class EarlyExitPolicy:
 
 
 def train_logistic(
-    x: torch.Tensor, y: torch.Tensor, l2: float = 1e-4, steps: int = 100
+    x: torch.Tensor, y: torch.Tensor, balanced: bool = True, l2: float = 1e-4, steps: int = 100
 ) -> tuple[torch.Tensor, float]:
     """Logistic regression on standardized features x [N, d] and labels y [N] in {0, 1}.
 
-    Full-batch L-BFGS on the mean log-loss plus `l2`·‖w‖²; returns (w [d], b).
+    Full-batch L-BFGS on the mean log-loss plus `l2`·‖w‖²; `balanced` weighs each class
+    by N / (2 · its count) so the rarer label counts as much. Returns (w [d], b).
     """
     x, y = x.double(), y.double()
+    weights = None
+    if balanced:
+        positives = y.sum().clamp(1.0, y.numel() - 1.0)
+        weights = torch.where(
+            y > 0.5, y.numel() / (2 * positives), y.numel() / (2 * (y.numel() - positives))
+        )
     w = torch.zeros(x.shape[1], dtype=torch.float64, requires_grad=True)
     b = torch.zeros((), dtype=torch.float64, requires_grad=True)
     optimizer = torch.optim.LBFGS([w, b], max_iter=steps, line_search_fn="strong_wolfe")
 
     def closure():
         optimizer.zero_grad()
-        loss = F.binary_cross_entropy_with_logits(x @ w + b, y) + l2 * w.pow(2).sum()
+        loss = F.binary_cross_entropy_with_logits(x @ w + b, y, weight=weights)
+        loss = loss + l2 * w.pow(2).sum()
         loss.backward()
         return loss
 
@@ -276,11 +284,19 @@ def train_logistic(
     return w.detach(), float(b.detach())
 
 
-def fit(lm: LoadedModel, calib: torch.Tensor, threshold: float = 0.5) -> EarlyExitPolicy:
+def _share(flags: torch.Tensor) -> float | None:
+    """Share of True in `flags`, or None when empty."""
+    return float(flags.double().mean()) if flags.numel() else None
+
+
+def fit(
+    lm: LoadedModel, calib: torch.Tensor, threshold: float = 0.5, balanced: bool = True
+) -> EarlyExitPolicy:
     """Train an early-exit policy on calibration windows `calib` [n, T].
 
     Every position of every window at every block but the last is one example: features
     of that block's prediction, label 1 when its top-1 equals the last block's.
+    `balanced` weighs the two labels equally (deep blocks make "stop" the common label).
     """
     if not 0.0 < threshold < 1.0:
         raise PrunekitError(f"threshold must be in (0, 1), got {threshold}")
@@ -293,7 +309,7 @@ def fit(lm: LoadedModel, calib: torch.Tensor, threshold: float = 0.5) -> EarlyEx
         ys.append((view.top1[:-1] == view.top1[-1]).reshape(-1))
     x, y = torch.cat(xs).double(), torch.cat(ys).double()
     mean, std = x.mean(0), x.std(0).clamp_min(1e-6)
-    w, b = train_logistic((x - mean) / std, y)
+    w, b = train_logistic((x - mean) / std, y, balanced)
     predicted = torch.sigmoid(((x - mean) / std) @ w + b) >= 0.5
     return EarlyExitPolicy(
         weight=w.tolist(),
@@ -304,8 +320,10 @@ def fit(lm: LoadedModel, calib: torch.Tensor, threshold: float = 0.5) -> EarlyEx
         num_blocks=lm.adapter.num_layers,
         training={
             "examples": int(y.numel()),
+            "balanced": balanced,
             "positive_share": float(y.mean()),
-            "train_accuracy": float((predicted.double() == y).double().mean()),
+            "train_recall_stop": _share(predicted[y > 0.5]),
+            "train_recall_continue": _share(~predicted[y < 0.5]),
             "windows": int(calib.shape[0]),
             "window_tokens": int(calib.shape[1]),
         },

@@ -13,6 +13,7 @@ from tiny_models import CONFIGS, tiny_model
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 import prunekit
+from prunekit.methods import PruneRequest, get_method
 from prunekit.methods.depth_base import blocks_to_remove
 from prunekit.models import adapter_for
 from prunekit.surgery_depth import _update_config, merge_into, mergeable_parameters, remove_blocks
@@ -48,17 +49,17 @@ def _skipping(adapter, indices):
             blocks[i].__dict__.pop("forward", None)
 
 
-def _prune(lm, method, options, sparsity=0.4, seed=0):
-    return prunekit.prune(
-        lm,
-        method,
-        sparsity=sparsity,
-        calib="tinyshakespeare",
-        nsamples=6,
-        seqlen=48,
-        seed=seed,
-        options=options,
-    )
+def _prune(lm, method, options, calib, sparsity=0.4):
+    """Run a depth method on pre-made windows (skips re-tokenizing the calibration text)."""
+    cls = get_method(method)
+    request = PruneRequest(sparsity=sparsity)
+    return cls(cls.Config.from_options(options)).run(lm, calib, request)
+
+
+@pytest.fixture(scope="module")
+def calib(stories_calib):
+    """4 calibration windows of 40 tokens for stories260K: [4, 40]."""
+    return stories_calib[:4, :40]
 
 
 @pytest.mark.parametrize("family", sorted(CONFIGS))
@@ -152,21 +153,35 @@ def test_merge_adds_parameter_differences():
 
 
 @pytest.mark.parametrize(("method", "options"), DEPTH_METHODS)
-def test_depth_methods_on_stories(method, options, tmp_path):
-    """k = round(0.4 × 5) = 2 blocks go; scores are finite and identical for the same seed;
-    the saved folder reloads with identical logits and records indices and scores."""
+def test_depth_methods_on_stories(method, options, calib):
+    """k = round(0.4 × 5) = 2 blocks go; scores are finite and the same on a second run."""
     first = prunekit.load_model("stories260k")
-    record = _prune(first, method, options, seed=3)
-    second = prunekit.load_model("stories260k")
-    again = _prune(second, method, options, seed=3)
-    details = record.details
-    assert details == again.details
+    details = _prune(first, method, options, calib)
+    again = _prune(prunekit.load_model("stories260k"), method, options, calib)
+    assert details == again
     assert details["num_blocks_before"] == 5 and details["num_blocks_after"] == 3
     assert len(details["removed_blocks"]) == 2
     assert sorted(details["removed_blocks"] + details["kept_blocks"]) == list(range(5))
     assert first.adapter.num_layers == 3
     assert len(details["block_scores"]) >= 4
     assert all(math.isfinite(s) for s in details["block_scores"])
+
+
+def test_seeded_prune_saves_and_reloads_identically(tmp_path):
+    """Through the API: same seed, same windows and scores; another seed, other scores;
+    the saved folder reloads in plain transformers with identical logits and records
+    the removed indices and every block's score."""
+    kw = dict(sparsity=0.4, calib="tinystories", nsamples=4, seqlen=32)
+    first = prunekit.load_model("stories260k")
+    record = prunekit.prune(first, "laco", seed=3, options={"merge": 2}, **kw)
+    same = prunekit.prune(
+        prunekit.load_model("stories260k"), "laco", seed=3, options={"merge": 2}, **kw
+    )
+    other = prunekit.prune(
+        prunekit.load_model("stories260k"), "laco", seed=4, options={"merge": 2}, **kw
+    )
+    assert record.details == same.details
+    assert record.details["block_scores"] != other.details["block_scores"]
     assert record.parameters_after < record.parameters_before
 
     ids = _ids(2, 32, vocab=512)
@@ -178,39 +193,43 @@ def test_depth_methods_on_stories(method, options, tmp_path):
     with torch.no_grad():
         assert torch.equal(reloaded(ids).logits, before)
     saved = json.loads((out / "prunekit.json").read_text())
-    assert saved["details"]["removed_blocks"] == details["removed_blocks"]
-    assert saved["details"]["block_scores"] == details["block_scores"]
+    assert saved["method"] == "laco"
+    assert saved["details"]["removed_blocks"] == record.details["removed_blocks"]
+    assert saved["details"]["block_scores"] == record.details["block_scores"]
+    assert saved["details"]["merges"] == record.details["merges"]
 
 
-def test_removal_follows_the_scores(stories):
+def test_removal_follows_the_scores(stories, calib):
     """ShortGPT removes the lowest-influence blocks; the angular run is the argmin run;
     SLEB's first removal is the block whose removal gave the lowest calibration PPL."""
-    shortgpt = _prune(stories, "shortgpt", {}).details
+    shortgpt = _prune(stories, "shortgpt", {}, calib)
     scores = shortgpt["block_scores"]
     assert shortgpt["removed_blocks"] == sorted(sorted(range(5), key=scores.__getitem__)[:2])
 
-    angular = _prune(prunekit.load_model("stories260k"), "angular", {}).details
+    angular = _prune(prunekit.load_model("stories260k"), "angular", {}, calib)
     runs = angular["run_distances"]
     start = runs.index(min(runs))
     assert angular["removed_blocks"] == [start, start + 1]
 
-    sleb = _prune(prunekit.load_model("stories260k"), "sleb", {"eval_windows": 4}).details
+    sleb = _prune(prunekit.load_model("stories260k"), "sleb", {"eval_windows": 4}, calib)
     first_ppl = sleb["block_scores"]
     assert sleb["removal_order"][0] == first_ppl.index(min(first_ppl))
 
 
-def test_blocks_option_overrides_sparsity(stories):
-    record = _prune(stories, "shortgpt", {"blocks": 1}, sparsity=0.5)
-    assert len(record.details["removed_blocks"]) == 1
+def test_blocks_option_overrides_sparsity(stories, calib):
+    details = _prune(stories, "shortgpt", {"blocks": 1}, calib, sparsity=0.5)
+    assert len(details["removed_blocks"]) == 1
     assert stories.adapter.num_layers == 4
 
 
-def test_taylor_plus_keeps_the_ends(stories):
+def test_taylor_plus_keeps_the_ends(stories, calib):
     options = {"criterion": "taylor", "eval_windows": 2, "keep_first": 2, "keep_last": 2}
-    details = _prune(stories, "shortened-llama", options, sparsity=0.2).details
+    details = _prune(stories, "shortened-llama", options, calib, sparsity=0.2)
     assert details["removed_blocks"] == [2]  # the only block not protected
     with pytest.raises(prunekit.PrunekitError, match="leaving 0 candidates"):
-        _prune(prunekit.load_model("stories260k"), "shortened-llama", {"criterion": "taylor"})
+        _prune(
+            prunekit.load_model("stories260k"), "shortened-llama", {"criterion": "taylor"}, calib
+        )
 
 
 @pytest.mark.parametrize(
@@ -222,10 +241,10 @@ def test_taylor_plus_keeps_the_ends(stories):
         ("shortgpt", {"blocks": 5}, "removing 5 of 5 blocks leaves none"),
     ],
 )
-def test_bad_options_fail_before_changing_the_model(stories, method, options, message):
+def test_bad_options_fail_before_changing_the_model(stories, calib, method, options, message):
     before = [p.clone() for p in stories.model.parameters()]
     with pytest.raises(prunekit.PrunekitError, match=message):
-        _prune(stories, method, options)
+        _prune(stories, method, options, calib)
     after = list(stories.model.parameters())
     assert len(after) == len(before)
     assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
