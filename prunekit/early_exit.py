@@ -138,7 +138,6 @@ class EarlyExitPolicy:
                 f"the model has {lm.adapter.num_layers}"
             )
 
-    @torch.no_grad()
     def score(self, lm: LoadedModel, windows: torch.Tensor) -> dict:
         """Every position of `windows` [n, T] as an input that exits early, vs the full model.
 
@@ -147,19 +146,24 @@ class EarlyExitPolicy:
         with the full model.
         """
         self._check_model(lm)
+        views = [layer_view(lm, ids) for ids in tqdm(windows, desc="early-exit views", leave=False)]
+        return self.score_views(views, windows)
+
+    def score_views(self, views: list[LayerView], windows: torch.Tensor) -> dict:
+        """`score` from precomputed `layer_view`s of `windows` (to compare thresholds)."""
         used = agree = correct = full_correct = 0
         nll = full_nll = 0.0
         count = 0
-        for ids in tqdm(windows, desc="early-exit score", leave=False):
-            view = layer_view(lm, ids)
+        for view, ids in zip(views, windows, strict=True):
             exits = self.exit_blocks(view.features)[:-1]  # positions with a next token
             positions = torch.arange(exits.numel())
             chosen = view.top1[exits, positions]
+            full = view.top1[-1, :-1]
             targets = ids[1:]
             used += int((exits + 1).sum())
-            agree += int((chosen == view.top1[-1, :-1]).sum())
+            agree += int((chosen == full).sum())
             correct += int((chosen == targets).sum())
-            full_correct += int((view.top1[-1, :-1] == targets).sum())
+            full_correct += int((full == targets).sum())
             nll += float(view.nll[exits, positions].sum())
             full_nll += float(view.nll[-1].sum())
             count += exits.numel()

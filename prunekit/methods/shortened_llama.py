@@ -99,4 +99,4 @@ class ShortenedLlama(DepthMethod):
             meaning = "Taylor importance sum |W * dL/dW| of the block (higher = keep)"
             extra.update(keep_first=first, keep_last=last)
         order = sorted(candidates, key=lambda i: (scores[i], i))
-        return DepthChoice(order[:k], scores, meaning, extra)
+        return DepthChoice(order[:k], scores, meaning, {**extra, "removal_order": order})

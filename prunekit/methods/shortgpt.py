@@ -41,4 +41,6 @@ class ShortGPT(DepthMethod):
         path = CalibrationPath(lm, calib, request.device, request.batch_size)
         scores = block_influence(path)
         order = sorted(range(len(scores)), key=lambda i: (scores[i], i))
-        return DepthChoice(order[:k], scores, "block influence (higher = keep)")
+        return DepthChoice(
+            order[:k], scores, "block influence (higher = keep)", {"removal_order": order}
+        )
