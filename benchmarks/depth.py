@@ -38,7 +38,7 @@ ROWS = [  # (label, method, options), cheapest first; SLEB (O(n²) per removal) 
     ("angular (last token)", "angular", {}),
     ("Shortened LLaMA (Taylor+)", "shortened-llama", {"criterion": "taylor"}),
     ("Shortened LLaMA (PPL)", "shortened-llama", {"criterion": "ppl"}),
-    ("LaCo", "laco", {}),
+    ("LaCo", "laco", {"scores": False}),
     ("SLEB", "sleb", {}),
 ]
 PREFIX_CONSISTENT = ("shortgpt", "sleb", "shortened-llama")

@@ -37,7 +37,9 @@ class LaCoConfig(DepthConfig):
     """`merge`: blocks collapsed into one per merge (≥ 2); `threshold`: minimum cosine
     similarity of final representations; `threshold_step`: the least it drops after a
     scan that fell short; `interval`: blocks skipped after a merge; `lowest`: lowest
-    block a merge may start at; `eval_windows`: calibration windows used (0 = all)."""
+    block a merge may start at; `eval_windows`: calibration windows used (0 = all);
+    `scores`: also record the one-shot merge similarity of every start block (about
+    n²/2 extra block forwards)."""
 
     merge: int = 3
     threshold: float = 0.9
@@ -45,6 +47,7 @@ class LaCoConfig(DepthConfig):
     interval: int = 2
     lowest: int = 1
     eval_windows: int = 8
+    scores: bool = True
 
 
 class _Search:
@@ -127,9 +130,10 @@ class LaCo(DepthMethod):
         windows = first_windows(calib, c.eval_windows)
         search = _Search(lm, CalibrationPath(lm, windows, request.device, request.batch_size))
         search.refresh_inputs()
+        starts = range(num_blocks - 1) if c.scores else range(0)
         scores = [
             search.merged_similarity(p, min(c.merge, num_blocks - p))
-            for p in progress(range(num_blocks - 1), "LaCo one-shot scores")
+            for p in progress(starts, "LaCo one-shot scores")
         ]
         merges, threshold, removed = [], c.threshold, 0
         while removed < k:
