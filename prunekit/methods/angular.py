@@ -63,6 +63,11 @@ class AngularConfig(DepthConfig):
 
     tokens: str = "last"
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.tokens not in TOKEN_MODES:
+            raise choice_error("tokens mode", self.tokens, TOKEN_MODES)
+
 
 @register
 class AngularDistance(DepthMethod):
@@ -74,8 +79,6 @@ class AngularDistance(DepthMethod):
         self, lm: LoadedModel, calib: torch.Tensor, request: PruneRequest, k: int
     ) -> DepthChoice:
         tokens = self.config.tokens
-        if tokens not in TOKEN_MODES:
-            raise choice_error("tokens mode", tokens, TOKEN_MODES)
         path = CalibrationPath(lm, calib, request.device, request.batch_size)
         runs, singles = run_distances(path, k, tokens)
         start = min(range(len(runs)), key=lambda s: (runs[s], s))

@@ -30,11 +30,15 @@ class DepthConfig(MethodConfig):
 
     blocks: int = 0
 
+    def __post_init__(self) -> None:
+        """Options are checked when parsed, before any model is loaded."""
+        for name in ("blocks", "eval_windows"):
+            if getattr(self, name, 0) < 0:
+                raise PrunekitError(f"option {name} must be >= 0, got {getattr(self, name)}")
+
 
 def blocks_to_remove(sparsity: float, blocks: int, num_blocks: int) -> int:
     """k = `blocks` when given, else round(sparsity × num_blocks); at least one block stays."""
-    if blocks < 0:
-        raise PrunekitError(f"option blocks must be >= 0, got {blocks}")
     k = blocks if blocks > 0 else prune_count(num_blocks, sparsity)
     if k >= num_blocks:
         raise PrunekitError(
@@ -124,8 +128,6 @@ def removal_nlls(path: CalibrationPath, kept: Sequence[int], desc: str) -> dict[
 
 def first_windows(calib: torch.Tensor, count: int) -> torch.Tensor:
     """The first `count` calibration windows (all when `count` is 0)."""
-    if count < 0:
-        raise PrunekitError(f"option eval_windows must be >= 0, got {count}")
     return calib[:count] if count else calib
 
 

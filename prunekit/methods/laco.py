@@ -49,6 +49,13 @@ class LaCoConfig(DepthConfig):
     eval_windows: int = 8
     scores: bool = True
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.merge < 2:
+            raise PrunekitError(f"option merge must be >= 2 blocks, got {self.merge}")
+        if self.threshold_step <= 0 or self.interval < 1:
+            raise PrunekitError("options threshold_step must be > 0 and interval >= 1")
+
 
 class _Search:
     """The current model as groups of original blocks; group[0] holds the merged weights."""
@@ -107,21 +114,13 @@ class LaCo(DepthMethod):
     summary = "LaCo: merge runs of blocks by parameter differences while outputs stay similar"
     Config = LaCoConfig
 
-    def _check(self, num_blocks: int) -> None:
-        c = self.config
-        if c.merge < 2:
-            raise PrunekitError(f"option merge must be >= 2 blocks, got {c.merge}")
-        if c.threshold_step <= 0 or c.interval < 1:
-            raise PrunekitError("options threshold_step must be > 0 and interval >= 1")
-        if not 0 <= c.lowest < num_blocks - 1:
-            raise PrunekitError(f"option lowest must be in 0..{num_blocks - 2}, got {c.lowest}")
-
     def choose(
         self, lm: LoadedModel, calib: torch.Tensor, request: PruneRequest, k: int
     ) -> DepthChoice:
         c = self.config
         num_blocks = lm.adapter.num_layers
-        self._check(num_blocks)
+        if not 0 <= c.lowest < num_blocks - 1:
+            raise PrunekitError(f"option lowest must be in 0..{num_blocks - 2}, got {c.lowest}")
         if num_blocks - c.lowest - 1 < k:
             raise PrunekitError(
                 f"only {num_blocks - c.lowest - 1} blocks lie above block {c.lowest}; "

@@ -64,6 +64,11 @@ class ShortenedLlamaConfig(DepthConfig):
     keep_first: int = 4
     keep_last: int = 2
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.criterion not in CRITERIA:
+            raise choice_error("criterion", self.criterion, CRITERIA)
+
 
 @register
 class ShortenedLlama(DepthMethod):
@@ -75,8 +80,6 @@ class ShortenedLlama(DepthMethod):
         self, lm: LoadedModel, calib: torch.Tensor, request: PruneRequest, k: int
     ) -> DepthChoice:
         config = self.config
-        if config.criterion not in CRITERIA:
-            raise choice_error("criterion", config.criterion, CRITERIA)
         num_blocks = lm.adapter.num_layers
         windows = first_windows(calib, config.eval_windows)
         extra = {"criterion": config.criterion, "eval_windows": len(windows)}
