@@ -211,9 +211,15 @@ def test_removal_follows_the_scores(stories, calib):
     start = runs.index(min(runs))
     assert angular["removed_blocks"] == [start, start + 1]
 
-    sleb = _prune(prunekit.load_model("stories260k"), "sleb", {"eval_windows": 4}, calib)
+    pruned = prunekit.load_model("stories260k")
+    sleb = _prune(pruned, "sleb", {"eval_windows": 3}, calib)
     first_ppl = sleb["block_scores"]
     assert sleb["removal_order"][0] == first_ppl.index(min(first_ppl))
+    # the perplexity SLEB computed on its block path is the pruned model's own
+    windows = calib[:3]
+    with torch.no_grad():
+        loss = pruned.model(windows, labels=windows).loss
+    assert math.exp(loss) == pytest.approx(sleb["greedy_steps"][-1]["calib_ppl"], rel=1e-4)
 
 
 def test_blocks_option_overrides_sparsity(stories, calib):
