@@ -64,6 +64,11 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--ee-seqlen", type=int, default=256)
     p.add_argument("--ee-thresholds", default="0.5,0.6,0.7,0.8,0.9")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--no-speed", action="store_true", help="skip the speed measurement")
+    p.add_argument("--no-early-exit", action="store_true", help="skip the early-exit study")
+    p.add_argument(
+        "--combine", default="", help="only merge the runs of this report JSON into --out's"
+    )
     p.add_argument("--out", default=str(RESULTS / "depth"))
     return p.parse_args()
 
@@ -231,15 +236,16 @@ def markdown(report: dict) -> str:
     for run in sorted(report["runs"], key=lambda r: (r["ratio"], r["label"])):
         prune_s = f"{run['prune_s']:.0f}" if run["prune_s"] is not None else "(prefix)"
         lines.append(row(f"{run['label']} {run['ratio']:.0%}", run, prune_s))
-    lines += [
-        "",
-        f"CPU speed, batch 1, {args['threads']} threads: prefill of {args['prefill_tokens']} "
-        f"tokens and greedy decode of {args['decode_tokens']} tokens with KV cache; medians of "
-        f"{args['speed_repeats']} interleaved repeats.",
-        "",
-        "| model | blocks | prefill tok/s | decode tok/s | prefill speedup | decode speedup |",
-        "|---|---|---|---|---|---|",
-    ]
+    if report["speed"]:
+        lines += [
+            "",
+            f"CPU speed, batch 1, {args['threads']} threads: prefill of {args['prefill_tokens']} "
+            f"tokens and greedy decode of {args['decode_tokens']} tokens with KV cache; medians of "
+            f"{args['speed_repeats']} interleaved repeats.",
+            "",
+            "| model | blocks | prefill tok/s | decode tok/s | prefill speedup | decode speedup |",
+            "|---|---|---|---|---|---|",
+        ]
     for name, s in report["speed"].items():
         lines.append(
             f"| {name} | {s['blocks']} | {s['prefill_tok_s']:.0f} | {s['decode_tok_s']:.1f} | "
@@ -275,8 +281,21 @@ def write(report: dict, args) -> None:
     out.with_suffix(".md").write_text(markdown(report))
 
 
+def combine(args) -> None:
+    """Add the pruning runs of another report (e.g. SLEB run in its own process) to --out."""
+    out = Path(args.out).with_suffix(".json")
+    report = json.loads(out.read_text())
+    other = json.loads(Path(args.combine).read_text())
+    report["runs"] += other["runs"]
+    report.setdefault("combined_commands", []).append(other["command"])
+    write(report, args)
+    print(markdown(report))
+
+
 def main() -> None:
     args = parse_args()
+    if args.combine:
+        return combine(args)
     torch.set_num_threads(args.threads)
     ratios = [float(r) for r in args.ratios.split(",")]
     labels = [x for x in args.methods.split(",") if x]
@@ -303,13 +322,16 @@ def main() -> None:
     print(json.dumps(report["dense"]), flush=True)
     del dense
     prune_runs(args, ratios, num_blocks, rows[:1], report)
-    removed = {r["ratio"]: r["removed_blocks"] for r in report["runs"]}
-    report["speed"] = speed(args, ratios, removed)
-    report["speed_models"] = f"dense and {rows[0][0]}'s pruned models"
-    print(json.dumps({k: v["prefill_speedup"] for k, v in report["speed"].items()}), flush=True)
-    write(report, args)
-    report["early_exit"] = early_exit_study(args)
-    write(report, args)
+    if not args.no_speed:
+        removed = {r["ratio"]: r["removed_blocks"] for r in report["runs"]}
+        report["speed"] = speed(args, ratios, removed)
+        report["speed_models"] = f"dense and {rows[0][0]}'s pruned models"
+        speedups = {k: v["prefill_speedup"] for k, v in report["speed"].items()}
+        print(json.dumps(speedups), flush=True)
+        write(report, args)
+    if not args.no_early_exit:
+        report["early_exit"] = early_exit_study(args)
+        write(report, args)
     prune_runs(args, ratios, num_blocks, rows[1:], report)
     report["total_s"] = time.perf_counter() - start
     write(report, args)
