@@ -65,6 +65,11 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--ee-thresholds", default="0.5,0.6,0.7,0.8,0.9")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-speed", action="store_true", help="skip the speed measurement")
+    p.add_argument(
+        "--speed-only",
+        action="store_true",
+        help="only (re)measure speed, for the models of the first method in --out's report",
+    )
     p.add_argument("--no-early-exit", action="store_true", help="skip the early-exit study")
     p.add_argument(
         "--combine", default="", help="only merge the runs of this report JSON into --out's"
@@ -136,18 +141,36 @@ def finish_run(lm, args, label, method, options, ratio, details, prune_s) -> dic
     }
 
 
+class Clock:
+    """Wall-clock and process CPU seconds since creation."""
+
+    def __init__(self):
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+
+    def rates(self, tokens: int) -> tuple[float, float]:
+        """Tokens per wall second and per CPU second."""
+        wall, cpu = time.perf_counter() - self.wall, time.process_time() - self.cpu
+        return tokens / wall, tokens / cpu
+
+
 @torch.no_grad()
-def time_model(model, ids: torch.Tensor, decode_tokens: int) -> tuple[float, float]:
-    """(prefill tokens/s, decode tokens/s) for one input `ids` [1, T], greedy with KV cache."""
-    start = time.perf_counter()
+def time_model(model, ids: torch.Tensor, decode_tokens: int) -> dict[str, float]:
+    """Prefill and decode tokens/s (wall and CPU) for one input `ids` [1, T], greedy, KV cache."""
+    clock = Clock()
     out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
-    prefill = ids.shape[1] / (time.perf_counter() - start)
+    prefill_wall, prefill_cpu = clock.rates(ids.shape[1])
     cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
-    start = time.perf_counter()
+    clock = Clock()
     for _ in range(decode_tokens):
         out = model(input_ids=token, past_key_values=cache, use_cache=True)
         cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
-    return prefill, decode_tokens / (time.perf_counter() - start)
+    decode_wall, decode_cpu = clock.rates(decode_tokens)
+    return {
+        "prefill": prefill_wall,
+        "decode": decode_wall,
+        "prefill_cpu": prefill_cpu,
+        "decode_cpu": decode_cpu,
+    }
 
 
 def speed(args, ratios: list[float], removed: dict[float, list[int]]) -> dict:
@@ -160,23 +183,22 @@ def speed(args, ratios: list[float], removed: dict[float, list[int]]) -> dict:
         lm = prunekit.load_model(args.model)
         remove_blocks(lm.adapter, removed[ratio])
         models[f"{ratio:g}"] = lm.model
-    samples = {name: {"prefill": [], "decode": []} for name in models}
+    kinds = ("prefill", "decode", "prefill_cpu", "decode_cpu")
+    samples = {name: {k: [] for k in kinds} for name in models}
     for model in models.values():  # warm-up
         time_model(model, ids, 4)
     for _ in range(args.speed_repeats):
         for name, model in models.items():
-            prefill, decode = time_model(model, ids, args.decode_tokens)
-            samples[name]["prefill"].append(prefill)
-            samples[name]["decode"].append(decode)
+            for kind, value in time_model(model, ids, args.decode_tokens).items():
+                samples[name][kind].append(value)
     result = {}
     for name, s in samples.items():
         med = {k: statistics.median(v) for k, v in s.items()}
+        dense_med = {k: statistics.median(v) for k, v in samples["dense"].items()}
         result[name] = {
             "blocks": models[name].config.num_hidden_layers,
-            "prefill_tok_s": med["prefill"],
-            "decode_tok_s": med["decode"],
-            "prefill_speedup": med["prefill"] / statistics.median(samples["dense"]["prefill"]),
-            "decode_speedup": med["decode"] / statistics.median(samples["dense"]["decode"]),
+            **{f"{k}_tok_s": med[k] for k in kinds},
+            **{f"{k}_speedup": med[k] / dense_med[k] for k in kinds},
             "samples": s,
         }
     return result
@@ -237,19 +259,27 @@ def markdown(report: dict) -> str:
         prune_s = f"{run['prune_s']:.0f}" if run["prune_s"] is not None else "(prefix)"
         lines.append(row(f"{run['label']} {run['ratio']:.0%}", run, prune_s))
     if report["speed"]:
+        sp = report.get("speed_settings", args)
         lines += [
             "",
-            f"CPU speed, batch 1, {args['threads']} threads: prefill of {args['prefill_tokens']} "
-            f"tokens and greedy decode of {args['decode_tokens']} tokens with KV cache; medians of "
-            f"{args['speed_repeats']} interleaved repeats.",
+            f"CPU speed ({report.get('speed_models', '')}), batch 1, {sp['threads']} thread(s): "
+            f"prefill of {sp['prefill_tokens']} tokens and greedy decode of "
+            f"{sp['decode_tokens']} tokens with KV cache; medians of {sp['speed_repeats']} "
+            "interleaved repeats. Tokens per wall-clock second, and per CPU second of this "
+            "process (robust to the other jobs sharing the machine). Command: "
+            f"`{report.get('speed_command', report['command'])}`",
             "",
-            "| model | blocks | prefill tok/s | decode tok/s | prefill speedup | decode speedup |",
-            "|---|---|---|---|---|---|",
+            "| model | blocks | prefill tok/s wall | prefill tok/CPU-s | decode tok/s wall | "
+            "decode tok/CPU-s | prefill speedup wall / CPU | decode speedup wall / CPU |",
+            "|---|---|---|---|---|---|---|---|",
         ]
     for name, s in report["speed"].items():
         lines.append(
-            f"| {name} | {s['blocks']} | {s['prefill_tok_s']:.0f} | {s['decode_tok_s']:.1f} | "
-            f"{s['prefill_speedup']:.2f}x | {s['decode_speedup']:.2f}x |"
+            f"| {name} | {s['blocks']} | {s['prefill_tok_s']:.0f} | "
+            f"{s.get('prefill_cpu_tok_s', float('nan')):.0f} | {s['decode_tok_s']:.2f} | "
+            f"{s.get('decode_cpu_tok_s', float('nan')):.1f} | {s['prefill_speedup']:.2f}x / "
+            f"{s.get('prefill_cpu_speedup', float('nan')):.2f}x | {s['decode_speedup']:.2f}x / "
+            f"{s.get('decode_cpu_speedup', float('nan')):.2f}x |"
         )
     ee = report.get("early_exit")
     if ee:
@@ -286,16 +316,46 @@ def combine(args) -> None:
     out = Path(args.out).with_suffix(".json")
     report = json.loads(out.read_text())
     other = json.loads(Path(args.combine).read_text())
-    report["runs"] += other["runs"]
+    known = {(r["label"], r["ratio"]) for r in report["runs"]}
+    report["runs"] += [r for r in other["runs"] if (r["label"], r["ratio"]) not in known]
     report.setdefault("combined_commands", []).append(other["command"])
+    if "speed_command" in other:  # a --speed-only report
+        for key in ("speed", "speed_models", "speed_command", "speed_settings"):
+            report[key] = other[key]
     write(report, args)
     print(markdown(report))
+
+
+def speed_only(args) -> None:
+    """Re-measure speed for the first method's models recorded in --out's report."""
+    out = Path(args.out).with_suffix(".json")
+    report = json.loads(out.read_text())
+    first = report["runs"][0]["label"]
+    removed = {r["ratio"]: r["removed_blocks"] for r in report["runs"] if r["label"] == first}
+    ratios = sorted(removed)
+    report["speed"] = speed(args, ratios, removed)
+    report["speed_models"] = f"dense and {first}'s pruned models"
+    report["speed_command"] = command(args)
+    report["speed_settings"] = vars(args)
+    write(report, args)
+    print(markdown(report))
+
+
+def command(args) -> str:
+    return "python benchmarks/depth.py " + " ".join(
+        f"--{k.replace('_', '-')} '{v}'" if " " in str(v) else f"--{k.replace('_', '-')} {v}"
+        for k, v in vars(args).items()
+        if v not in (None, "", False) and k != "out"
+    )
 
 
 def main() -> None:
     args = parse_args()
     if args.combine:
         return combine(args)
+    if args.speed_only:
+        torch.set_num_threads(args.threads)
+        return speed_only(args)
     torch.set_num_threads(args.threads)
     ratios = [float(r) for r in args.ratios.split(",")]
     labels = [x for x in args.methods.split(",") if x]
@@ -304,12 +364,7 @@ def main() -> None:
     dense = prunekit.load_model(args.model)
     num_blocks = dense.adapter.num_layers
     report = {
-        "command": "python benchmarks/depth.py "
-        + " ".join(
-            f"--{k.replace('_', '-')} '{v}'" if " " in str(v) else f"--{k.replace('_', '-')} {v}"
-            for k, v in vars(args).items()
-            if v not in (None, "") and k != "out"
-        ),
+        "command": command(args),
         "settings": vars(args),
         "dense": {
             "blocks": num_blocks,
