@@ -342,10 +342,14 @@ def speed_only(args) -> None:
 
 
 def command(args) -> str:
+    def option(key: str, value) -> str:
+        flag = f"--{key.replace('_', '-')}"
+        if value is True:
+            return flag
+        return f"{flag} '{value}'" if " " in str(value) else f"{flag} {value}"
+
     return "python benchmarks/depth.py " + " ".join(
-        f"--{k.replace('_', '-')} '{v}'" if " " in str(v) else f"--{k.replace('_', '-')} {v}"
-        for k, v in vars(args).items()
-        if v not in (None, "", False) and k != "out"
+        option(k, v) for k, v in vars(args).items() if v not in (None, "", False) and k != "out"
     )
 
 
