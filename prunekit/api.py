@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from prunekit.allocation import allocate
+from prunekit.allocation import Allocation, allocate, get_allocation
 from prunekit.data import calibration_windows, load_text
 from prunekit.errors import PrunekitError, choice_error
 from prunekit.eval.perplexity import perplexity
@@ -59,7 +59,7 @@ def prune(
     seqlen: int = 512,
     seed: int = 0,
     scope: str = "row",
-    allocation: str = "uniform",
+    allocation: str | Allocation = "uniform",
     device: str = "cpu",
     batch_size: int = 8,
     options: dict[str, Any] | None = None,
@@ -68,6 +68,8 @@ def prune(
 
     `sparsity` is the mean share of weights (or structure) removed; an N:M `pattern`
     implies it (1 - N/M). `options` are the method's own (`prunekit methods` lists them).
+    `allocation` spreads the mean over the blocks: `uniform`, `owl[:m=5,lam=0.08]`,
+    `file:PATH.json` (block index -> ratio), or an `Allocation` instance.
     """
     method_cls = get_method(method)
     config = method_cls.Config.from_options(options or {})
@@ -91,6 +93,12 @@ def prune(
     _check_seqlen(lm, seqlen)
     if parsed.is_nm:
         _check_nm_shapes(lm, parsed)
+    alloc = get_allocation(allocation)
+    if parsed.is_nm and alloc.name != "uniform":
+        raise PrunekitError(
+            f"allocation {alloc.name!r} needs an unstructured pattern; N:M fixes every "
+            f"block at {parsed.sparsity:g}"
+        )
     request = PruneRequest(
         sparsity=sparsity,
         pattern=parsed,
@@ -103,7 +111,7 @@ def prune(
     start = time.perf_counter()
     torch.manual_seed(seed)
     windows, calibration = None, None
-    if method_cls.needs_calibration or allocation != "uniform":
+    if method_cls.needs_calibration or alloc.needs_calibration:
         source = load_text(calib, purpose="calib")
         windows = calibration_windows(lm.tokenizer, source.text, nsamples, seqlen, seed)
         calibration = {
@@ -114,11 +122,14 @@ def prune(
             "windows_sha256": hashlib.sha256(windows.numpy().tobytes()).hexdigest(),
         }
     params_before = count_parameters(lm.model)
-    request.layer_sparsity = allocate(allocation, lm, windows, request)
+    allocated = allocate(alloc, lm, windows, request)
+    request.layer_sparsity = allocated.ratios
     details = method_cls(config).run(lm, windows, request) or {}
+    if alloc.name != "uniform":
+        details = {**details, "allocation": allocated.details}
     request_dict = dataclasses.asdict(request)
     request_dict["pattern"] = str(parsed)
-    request_dict["allocation"] = allocation
+    request_dict["allocation"] = alloc.spec
     return PruneRecord(
         source_model=lm.source,
         method=method,

@@ -62,7 +62,9 @@ def prune(
     sparsity: float | None = typer.Option(None, help="share of weights removed, in [0, 1)"),
     pattern: str = typer.Option("unstructured", help="unstructured, or N:M such as 2:4"),
     scope: str = typer.Option("row", help="unstructured comparison group: row or layer"),
-    allocation: str = typer.Option("uniform", help="per-block sparsity allocation"),
+    allocation: str = typer.Option(
+        "uniform", help="per-block sparsity: uniform, owl[:m=5,lam=0.08], file:PATH.json"
+    ),
     calib: str = typer.Option("wikitext2", help="calibration dataset or text file"),
     nsamples: int = typer.Option(64, help="calibration windows"),
     seqlen: int = typer.Option(512, help="tokens per calibration window"),
