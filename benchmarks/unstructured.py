@@ -16,7 +16,9 @@ The run order puts the configurations behind the papers' claims first.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
+import os
 import subprocess
 import time
 from dataclasses import dataclass
@@ -236,13 +238,16 @@ def main() -> None:
     parser.add_argument("--eval-seqlen", type=int, default=1024)
     parser.add_argument("--eval-limit", type=int, default=None)
     parser.add_argument("--name", default="unstructured", help="results file stem")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (1 on a busy host)")
+    parser.add_argument("--shard", default="0/1", help="i/n: run every n-th config from the i-th")
     parser.add_argument("--dry-run", action="store_true", help="print the plan only")
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
+    shard, shards = (int(x) for x in args.shard.split("/"))
     args.datasets = [d for d in args.datasets.split(",") if d]
     methods = [m for m in args.methods.split(",") if m in REGISTRY]
     levels = [v for v in args.sparsities.split(",") if v]
-    runs = plan(methods, levels, [a for a in args.allocations.split(",") if a])
+    runs = plan(methods, levels, [a for a in args.allocations.split(",") if a])[shard::shards]
     if args.dry_run:
         print("\n".join(r.key for r in runs))
         return
@@ -272,28 +277,39 @@ def main() -> None:
         ),
     }
     payload = {"protocol": protocol, "dense": None, "runs": {}, "commit": commit()}
-    if json_path.exists():
-        old = json.loads(json_path.read_text())
-        same = {k: v for k, v in old["protocol"].items() if k not in ("levels", "command", "owl")}
-        if same == {k: v for k, v in protocol.items() if k not in ("levels", "command", "owl")}:
-            payload["dense"], payload["runs"] = old["dense"], old["runs"]
     allocations = {"uniform": "uniform", "owl": get_allocation(args.owl)}  # OWL pass cached
 
-    def write() -> None:
+    def sync(new: dict | None = None) -> None:
+        """Merge with the file under a lock (shards share it), then rewrite JSON and MD."""
         RESULTS.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(payload, indent=2) + "\n")
-        md_path.write_text(markdown(payload))
+        with open(RESULTS / f".{args.name}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if json_path.exists():
+                old = json.loads(json_path.read_text())
+                if _comparable(old["protocol"]) == _comparable(protocol):
+                    payload["dense"] = payload["dense"] or old["dense"]
+                    payload["runs"] = {**old["runs"], **payload["runs"]}
+            payload["runs"].update(new or {})
+            tmp = json_path.with_suffix(f".tmp{os.getpid()}")
+            tmp.write_text(json.dumps(payload, indent=2) + "\n")
+            os.replace(tmp, json_path)
+            if payload["dense"] is not None:
+                md_path.write_text(markdown(payload))
 
-    if payload["dense"] is None:
+    sync()
+    if payload["dense"] is None and shard == 0:
         payload["dense"] = dense(args)
-        write()
+        sync()
     todo = [r for r in runs if r.key not in payload["runs"]]
     for run in tqdm(todo, desc="configs", unit="run"):
-        payload["runs"][run.key] = run_one(run, args, allocations)
-        r = payload["runs"][run.key]
-        tqdm.write(f"{run.key}: {r['perplexity']} ({r['prune_time_s']:.0f} s prune)")
-        write()
-    write()
+        result = run_one(run, args, allocations)
+        tqdm.write(f"{run.key}: {result['perplexity']} ({result['prune_time_s']:.0f} s prune)")
+        sync({run.key: result})
+
+
+def _comparable(protocol: dict) -> dict:
+    """The protocol fields that make two result sets comparable."""
+    return {k: v for k, v in protocol.items() if k not in ("levels", "command", "owl")}
 
 
 if __name__ == "__main__":
