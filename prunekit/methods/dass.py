@@ -20,7 +20,6 @@ from dataclasses import dataclass
 import torch
 
 from prunekit.engine.runner import BlockContext, LayerStats
-from prunekit.errors import PrunekitError
 from prunekit.masks import Target, make_mask
 from prunekit.methods.base import LayerwiseMethod, MethodConfig, PruneRequest, register
 from prunekit.models.adapter import weight_matrix
@@ -53,14 +52,7 @@ class DaSS(LayerwiseMethod):
     Config = DaSSConfig
 
     def run(self, lm: LoadedModel, calib: torch.Tensor | None, request: PruneRequest) -> dict:
-        roles = lm.adapter.spec.linears
-        if request.pattern.is_nm and "down" in roles:
-            width = weight_matrix(lm.adapter.linear(lm.adapter.blocks[0], "down")).shape[1]
-            if width % request.pattern.m:
-                raise PrunekitError(
-                    f"dass with {request.pattern} needs the MLP width divisible by "
-                    f"{request.pattern.m} (gate/up are N:M along outputs); it is {width}"
-                )
+        roles = lm.adapter.spec.linears  # MLP width % M is checked by prune()
         super().run(lm, calib, request)
         mlp = [r for r in INPUT_PROJECTIONS if r in roles]
         return {"nm_along_output": mlp if request.pattern.is_nm else []}
