@@ -11,12 +11,13 @@ from typing import Any
 import torch
 
 from prunekit.allocation import Allocation, allocate, get_allocation
-from prunekit.data import calibration_windows, load_text
+from prunekit.data import calibration_windows, check_dataset, load_text
+from prunekit.engine.runner import PROPAGATION
 from prunekit.errors import PrunekitError, choice_error
 from prunekit.eval.perplexity import perplexity
 from prunekit.export import save_pruned
 from prunekit.masks import SCOPES, Pattern, check_sparsity
-from prunekit.methods import PruneRequest, get_method
+from prunekit.methods import Method, MethodConfig, PruneRequest, get_method
 from prunekit.models.adapter import weight_matrix
 from prunekit.models.loading import LoadedModel, load_model
 from prunekit.record import (
@@ -27,7 +28,7 @@ from prunekit.record import (
     peak_rss_mb,
 )
 
-__all__ = ["evaluate", "load_model", "prune", "save"]
+__all__ = ["evaluate", "load_model", "plan_prune", "prune", "save"]
 
 
 def _check_seqlen(lm: LoadedModel, seqlen: int) -> None:
@@ -49,28 +50,29 @@ def _check_nm_shapes(lm: LoadedModel, pattern: Pattern) -> None:
                 )
 
 
-def prune(
-    lm: LoadedModel,
-    method: str = "wanda",
-    sparsity: float | None = 0.5,
-    pattern: str = "unstructured",
-    calib: str = "wikitext2",
-    nsamples: int = 64,
-    seqlen: int = 512,
-    seed: int = 0,
-    scope: str = "row",
-    allocation: str | Allocation = "uniform",
-    device: str = "cpu",
-    batch_size: int = 8,
-    options: dict[str, Any] | None = None,
-) -> PruneRecord:
-    """Prune `lm.model` in place and return how it was done.
+@dataclasses.dataclass(frozen=True)
+class PrunePlan:
+    """A validated pruning request, checked before any model is loaded."""
 
-    `sparsity` is the mean share of weights (or structure) removed; an N:M `pattern`
-    implies it (1 - N/M). `options` are the method's own (`prunekit methods` lists them).
-    `allocation` spreads the mean over the blocks: `uniform`, `owl[:m=5,lam=0.08]`,
-    `file:PATH.json` (block index -> ratio), or an `Allocation` instance.
-    """
+    method: type[Method]
+    config: MethodConfig
+    pattern: Pattern
+    sparsity: float
+    allocation: Allocation
+
+
+def plan_prune(
+    method: str,
+    sparsity: float | None,
+    pattern: str = "unstructured",
+    scope: str = "row",
+    nsamples: int = 64,
+    calib: str = "wikitext2",
+    options: dict[str, Any] | None = None,
+    propagate: str = "pruned",
+    allocation: str | Allocation = "uniform",
+) -> PrunePlan:
+    """Check everything about a request that does not need the model; one-line errors."""
     method_cls = get_method(method)
     config = method_cls.Config.from_options(options or {})
     parsed = Pattern.parse(pattern)
@@ -85,20 +87,53 @@ def prune(
         sparsity = parsed.sparsity
     if sparsity is None:
         raise PrunekitError("sparsity is required with an unstructured pattern")
-    sparsity = check_sparsity(sparsity)
     if scope not in SCOPES:
         raise choice_error("scope", scope, SCOPES)
     if nsamples < 1:
         raise PrunekitError(f"nsamples must be at least 1, got {nsamples}")
-    _check_seqlen(lm, seqlen)
-    if parsed.is_nm:
-        _check_nm_shapes(lm, parsed)
+    if propagate not in PROPAGATION:
+        raise choice_error("propagation", propagate, PROPAGATION)
+    check_dataset(calib)
     alloc = get_allocation(allocation)
     if parsed.is_nm and alloc.name != "uniform":
         raise PrunekitError(
             f"allocation {alloc.name!r} needs an unstructured pattern; N:M fixes every "
             f"block at {parsed.sparsity:g}"
         )
+    return PrunePlan(method_cls, config, parsed, check_sparsity(sparsity), alloc)
+
+
+def prune(
+    lm: LoadedModel,
+    method: str = "wanda",
+    sparsity: float | None = 0.5,
+    pattern: str = "unstructured",
+    calib: str = "wikitext2",
+    nsamples: int = 64,
+    seqlen: int = 512,
+    seed: int = 0,
+    scope: str = "row",
+    allocation: str | Allocation = "uniform",
+    device: str = "cpu",
+    batch_size: int = 8,
+    options: dict[str, Any] | None = None,
+    propagate: str = "pruned",
+) -> PruneRecord:
+    """Prune `lm.model` in place and return how it was done.
+
+    `sparsity` is the mean share of weights (or structure) removed; an N:M `pattern`
+    implies it (1 - N/M). `options` are the method's own (`prunekit methods` lists them).
+    `allocation` spreads the mean over the blocks: `uniform`, `owl[:m=5,lam=0.08]`,
+    `file:PATH.json` (block index -> ratio), or an `Allocation` instance.
+    """
+    plan = plan_prune(
+        method, sparsity, pattern, scope, nsamples, calib, options, propagate, allocation
+    )
+    _check_seqlen(lm, seqlen)
+    if plan.pattern.is_nm:
+        _check_nm_shapes(lm, plan.pattern)
+    method_cls, config, parsed, sparsity = plan.method, plan.config, plan.pattern, plan.sparsity
+    alloc = plan.allocation
     request = PruneRequest(
         sparsity=sparsity,
         pattern=parsed,
@@ -106,6 +141,7 @@ def prune(
         device=device,
         batch_size=batch_size,
         seed=seed,
+        propagate=propagate,
     )
 
     start = time.perf_counter()

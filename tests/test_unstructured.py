@@ -134,7 +134,9 @@ def test_permutation_raises_retained_importance_on_stories(stories, tmp_path):
     record = _prune(stories, "ria", "2:4", options={"permute": True})
     perm = record.details["permutation"]
     assert perm["applied"]
-    permuted_layers = {k: v for k, v in perm["retained"].items() if k.endswith(("o_proj", "down_proj"))}
+    permuted_layers = {
+        k: v for k, v in perm["retained"].items() if k.endswith(("o_proj", "down_proj"))
+    }
     assert len(permuted_layers) == 2 * stories.adapter.num_layers
     assert all(after >= before for before, after in permuted_layers.values())
     agg = perm["retained_permuted_layers"]
@@ -169,7 +171,9 @@ def test_permutation_splits_crowded_strong_channels():
 def test_ria_with_permutation_on_tiny_glu_and_plain_mlp(family):
     lm = _tiny(family)
     request = PruneRequest(sparsity=0.5, pattern=Pattern(2, 4))
-    details = get_method("ria")(get_method("ria").Config(permute=True)).run(lm, _tiny_ids(), request)
+    details = get_method("ria")(get_method("ria").Config(permute=True)).run(
+        lm, _tiny_ids(), request
+    )
     assert details["permutation"]["applied"]
     for _, _, w in _weights(lm):
         assert is_valid_nm(w, 2, 4)
@@ -268,8 +272,12 @@ def test_global_magnitude_one_threshold_exact_total(stories):
     total = sum(w.numel() for w in originals)
     zeros = sum(int((w == 0).sum()) for _, _, w in _weights(stories))
     assert zeros == round(total * 0.6)
-    kept = torch.cat([o[w != 0].abs() for o, (_, _, w) in zip(originals, _weights(stories))])
-    dropped = torch.cat([o[w == 0].abs() for o, (_, _, w) in zip(originals, _weights(stories))])
+    kept = torch.cat(
+        [o[w != 0].abs() for o, (_, _, w) in zip(originals, _weights(stories), strict=True)]
+    )
+    dropped = torch.cat(
+        [o[w == 0].abs() for o, (_, _, w) in zip(originals, _weights(stories), strict=True)]
+    )
     assert kept.min() >= dropped.max()
     assert record.details["threshold"] == pytest.approx(float(kept.min()))
     per_layer = set(record.layer_sparsity.values())
@@ -327,4 +335,3 @@ def test_dass_gate_mask_follows_intermediate_norms():
         input_projection_scores(w, z, 0.5), prunekit.masks.Target(0.5, Pattern(2, 4))
     )
     assert is_valid_nm(w.t() * nm.t(), 2, 4)
-

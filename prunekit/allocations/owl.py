@@ -45,13 +45,18 @@ def block_outlier_ratios(
 ) -> list[float]:
     """Outlier ratio of each block's Wanda scores, from a dense sequential pass."""
     runner = SequentialRunner(
-        adapter, calib, device=device, batch_size=batch_size, propagate="dense", progress="owl"
-    )
+        adapter,
+        calib,
+        device=device,
+        batch_size=batch_size,
+        propagate="dense",
+        progress="owl",
+        collect=("input_norm",),
+    )  # dense: statistics and outputs come from one pass per block
     ratios = []
     for ctx in runner:
-        stats = ctx.collect(["input_norm"])
         scores = [
-            weight_matrix(module).float().abs() * stats[path]["input_norm"].unsqueeze(0)
+            weight_matrix(module).float().abs() * ctx.stats[path]["input_norm"].unsqueeze(0)
             for path, module in ctx.linears().items()
         ]
         ratios.append(outlier_ratio(scores, m))
