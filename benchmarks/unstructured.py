@@ -20,6 +20,7 @@ import fcntl
 import json
 import os
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -282,7 +283,7 @@ def main() -> None:
     def sync(new: dict | None = None) -> None:
         """Merge with the file under a lock (shards share it), then rewrite JSON and MD."""
         RESULTS.mkdir(parents=True, exist_ok=True)
-        with open(RESULTS / f".{args.name}.lock", "w") as lock:
+        with open(Path(tempfile.gettempdir()) / f"prunekit-bench-{args.name}.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             if json_path.exists():
                 old = json.loads(json_path.read_text())

@@ -11,6 +11,7 @@ from typing import Any
 import typer
 
 from prunekit import api
+from prunekit.allocation import ALLOCATIONS
 from prunekit.data import check_dataset
 from prunekit.errors import PrunekitError
 from prunekit.export import check_output_dir
@@ -152,6 +153,15 @@ def methods() -> None:
         typer.echo(f"{name:<18}[{cls.kind}] {cls.summary}")
         for field in dataclasses.fields(cls.Config):
             typer.echo(f"{'':<20}--opt {field.name}={field.default!r}")
+
+
+@app.command()
+def allocations() -> None:
+    """List per-block sparsity allocations (`--allocation NAME[:key=value,...]`)."""
+    for name in sorted(ALLOCATIONS):
+        cls = ALLOCATIONS[name]
+        options = ",".join(f"{f.name}={f.default}" for f in dataclasses.fields(cls.Config))
+        typer.echo(f"{name:<18}{cls.summary}" + (f"  [{name}:{options}]" if options else ""))
 
 
 def main() -> None:
