@@ -303,6 +303,9 @@ def main() -> None:
         sync()
     todo = [r for r in runs if r.key not in payload["runs"]]
     for run in tqdm(todo, desc="configs", unit="run"):
+        sync()
+        if run.key in payload["runs"]:  # another shard finished it meanwhile
+            continue
         result = run_one(run, args, allocations)
         tqdm.write(f"{run.key}: {result['perplexity']} ({result['prune_time_s']:.0f} s prune)")
         sync({run.key: result})
