@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from prunekit.errors import PrunekitError
 from prunekit.models.adapter import ModelAdapter, weight_matrix
 
 
@@ -139,7 +140,12 @@ def find_nm_permutation(scores: torch.Tensor, n: int, m: int, rounds: int = 8) -
     when it helps. Returns perm [in] with `scores[:, perm]` the better order; never worse
     than the identity.
     """
-    from scipy.optimize import linear_sum_assignment
+    try:
+        from scipy.optimize import linear_sum_assignment
+    except ImportError:
+        raise PrunekitError(
+            "channel permutation needs scipy: pip install 'prunekit[permute]'"
+        ) from None
 
     scores = scores.float()
     in_features = scores.shape[1]

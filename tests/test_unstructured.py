@@ -216,6 +216,16 @@ def test_owl_allocation_works_with_every_mask_method(stories, method):
     assert record.request["layer_sparsity"] == pytest.approx(ratios)
 
 
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_owl_on_tiny_glu_and_plain_mlp(family):
+    lm = _tiny(family)
+    allocated = get_allocation("owl:lam=0.1").allocate(lm, _tiny_ids(), PruneRequest(0.5))
+    ratios = allocated.ratios
+    assert len(ratios) == lm.adapter.num_layers
+    assert sum(ratios) / len(ratios) == pytest.approx(0.5, abs=1e-6)
+    assert all(0.4 - 1e-9 <= r <= 0.6 + 1e-9 for r in ratios)
+
+
 def test_owl_options_from_spec_string():
     owl = get_allocation("owl:M=7,lambda=0.05")
     assert (owl.config.m, owl.config.lam) == (7.0, 0.05)

@@ -81,7 +81,7 @@ class LayerwiseMethod(Method):
     needs: ClassVar[tuple[str, ...]] = ()
 
     def run(self, lm: LoadedModel, calib: torch.Tensor | None, request: PruneRequest) -> dict:
-        if calib is None:  # data-free: walk the blocks without activations
+        if calib is None or not self.needs_calibration:  # data-free: no activations needed
             for index, block in enumerate(lm.adapter.blocks):
                 for path, module in lm.adapter.linears(block).items():
                     self.prune_linear(module, {}, request.target(index), path)
