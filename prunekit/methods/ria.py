@@ -12,6 +12,7 @@ order, and before pruning it computes exactly what the original did.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -56,6 +57,8 @@ class RIA(LayerwiseMethod):
     def run(self, lm: LoadedModel, calib: torch.Tensor | None, request: PruneRequest) -> dict:
         self._retained: dict[str, list[float]] = {}  # layer -> [identity, permuted] shares
         self._permuted: set[str] = set()
+        if self.config.permute and not request.pattern.is_nm:
+            warnings.warn("ria: permute only changes N:M masks; ignored", stacklevel=2)
         super().run(lm, calib, request)
         if not self._retained:
             return {}
