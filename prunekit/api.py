@@ -16,7 +16,7 @@ from prunekit.errors import PrunekitError, choice_error
 from prunekit.eval.perplexity import perplexity
 from prunekit.export import save_pruned
 from prunekit.masks import SCOPES, Pattern, check_sparsity
-from prunekit.methods import Method, MethodConfig, PruneRequest, get_method
+from prunekit.methods import LayerwiseMethod, Method, MethodConfig, PruneRequest, get_method
 from prunekit.models.adapter import weight_matrix
 from prunekit.models.loading import LoadedModel, load_model
 from prunekit.record import (
@@ -26,6 +26,7 @@ from prunekit.record import (
     overall_sparsity,
     peak_rss_mb,
 )
+from prunekit.updates import WeightUpdate, get_update
 
 __all__ = ["evaluate", "load_model", "plan_prune", "prune", "save"]
 
@@ -57,6 +58,39 @@ class PrunePlan:
     config: MethodConfig
     pattern: Pattern
     sparsity: float
+    update: WeightUpdate | None = None
+
+    def make_method(self) -> Method:
+        """The method instance, carrying the weight update when one is requested."""
+        if self.update is None:
+            return self.method(self.config)
+        return self.method(self.config, update=self.update)
+
+
+def split_method(method: str, update: str = "none") -> tuple[str, str]:
+    """`"wanda+admm"` is shorthand for method "wanda" with update "admm"."""
+    name, plus, suffix = method.partition("+")
+    if not plus:
+        return method, update
+    if update != "none" and update != suffix:
+        raise PrunekitError(f"method {method!r} names update {suffix!r} but update is {update!r}")
+    return name, suffix
+
+
+def plan_update(
+    method_cls: type[Method], update: str, options: dict[str, Any] | None
+) -> WeightUpdate | None:
+    """The requested weight update (None for "none"), checked against the method."""
+    if update == "none":
+        if options:
+            raise PrunekitError("update options given but no update requested (--update)")
+        return None
+    update_cls = get_update(update)
+    if not issubclass(method_cls, LayerwiseMethod):
+        raise PrunekitError(
+            f"update {update!r} needs a mask method; {method_cls.name!r} is {method_cls.kind}"
+        )
+    return update_cls(update_cls.Config.from_options(options or {}))
 
 
 def plan_prune(
@@ -67,8 +101,14 @@ def plan_prune(
     nsamples: int = 64,
     calib: str = "wikitext2",
     options: dict[str, Any] | None = None,
+    update: str = "none",
+    update_options: dict[str, Any] | None = None,
 ) -> PrunePlan:
-    """Check everything about a request that does not need the model; one-line errors."""
+    """Check everything about a request that does not need the model; one-line errors.
+
+    `method` may be `"NAME+UPDATE"` (e.g. `"wanda+admm"`), the same as `update="UPDATE"`.
+    """
+    method, update = split_method(method, update)
     method_cls = get_method(method)
     config = method_cls.Config.from_options(options or {})
     parsed = Pattern.parse(pattern)
@@ -88,7 +128,8 @@ def plan_prune(
     if nsamples < 1:
         raise PrunekitError(f"nsamples must be at least 1, got {nsamples}")
     check_dataset(calib)
-    return PrunePlan(method_cls, config, parsed, check_sparsity(sparsity))
+    weight_update = plan_update(method_cls, update, update_options)
+    return PrunePlan(method_cls, config, parsed, check_sparsity(sparsity), weight_update)
 
 
 def prune(
@@ -105,13 +146,19 @@ def prune(
     device: str = "cpu",
     batch_size: int = 8,
     options: dict[str, Any] | None = None,
+    update: str = "none",
+    update_options: dict[str, Any] | None = None,
 ) -> PruneRecord:
     """Prune `lm.model` in place and return how it was done.
 
     `sparsity` is the mean share of weights (or structure) removed; an N:M `pattern`
     implies it (1 - N/M). `options` are the method's own (`prunekit methods` lists them).
+    `update` re-fits the kept weights after the mask ("admm", "alps", "sparsegpt"; or
+    write `method="wanda+admm"`), with `update_options` its own options.
     """
-    plan = plan_prune(method, sparsity, pattern, scope, nsamples, calib, options)
+    plan = plan_prune(
+        method, sparsity, pattern, scope, nsamples, calib, options, update, update_options
+    )
     _check_seqlen(lm, seqlen)
     if plan.pattern.is_nm:
         _check_nm_shapes(lm, plan.pattern)
@@ -128,7 +175,7 @@ def prune(
     start = time.perf_counter()
     torch.manual_seed(seed)
     windows, calibration = None, None
-    if method_cls.needs_calibration or allocation != "uniform":
+    if method_cls.needs_calibration or plan.update is not None or allocation != "uniform":
         source = load_text(calib, purpose="calib")
         windows = calibration_windows(lm.tokenizer, source.text, nsamples, seqlen, seed)
         calibration = {
@@ -140,13 +187,14 @@ def prune(
         }
     params_before = count_parameters(lm.model)
     request.layer_sparsity = allocate(allocation, lm, windows, request)
-    details = method_cls(config).run(lm, windows, request) or {}
+    details = plan.make_method().run(lm, windows, request) or {}
     request_dict = dataclasses.asdict(request)
     request_dict["pattern"] = str(parsed)
     request_dict["allocation"] = allocation
+    request_dict["update"] = plan.update.name if plan.update else "none"
     return PruneRecord(
         source_model=lm.source,
-        method=method,
+        method=method_cls.name,
         config=dataclasses.asdict(config),
         request=request_dict,
         calibration=calibration,
@@ -157,6 +205,7 @@ def prune(
         wall_time_s=time.perf_counter() - start,
         peak_rss_mb=peak_rss_mb(),
         details=details,
+        update=plan.update.describe() if plan.update else None,
     )
 
 

@@ -15,6 +15,7 @@ from prunekit.data import check_dataset
 from prunekit.errors import PrunekitError
 from prunekit.export import check_output_dir
 from prunekit.methods import REGISTRY
+from prunekit.updates import UPDATES
 
 app = typer.Typer(
     add_completion=False,
@@ -71,6 +72,10 @@ def prune(
     device: str = typer.Option("cpu", help="compute device for the current block"),
     batch_size: int = typer.Option(8, help="windows per forward pass"),
     opt: list[str] = typer.Option([], "--opt", help="method option key=value (repeatable)"),
+    update: str = typer.Option("none", help="weight update after the mask: none, admm, alps, ..."),
+    update_opt: list[str] = typer.Option(
+        [], "--update-opt", help="update option key=value (repeatable)"
+    ),
     out: Path | None = typer.Option(None, help="write the pruned model here"),
     overwrite: bool = typer.Option(False, help="replace an existing --out folder"),
     eval: str = typer.Option("", "--eval", help="datasets to evaluate, e.g. wikitext2,ptb"),
@@ -84,7 +89,10 @@ def prune(
     options = _parse_options(opt)
     if sparsity is None and pattern == "unstructured":
         sparsity = 0.5
-    api.plan_prune(method, sparsity, pattern, scope, nsamples, calib, options)
+    update_options = _parse_options(update_opt)
+    api.plan_prune(
+        method, sparsity, pattern, scope, nsamples, calib, options, update, update_options
+    )
     tasks = _split(eval)
     for task in tasks:
         check_dataset(task)
@@ -104,6 +112,8 @@ def prune(
         device=device,
         batch_size=batch_size,
         options=options,
+        update=update,
+        update_options=update_options,
     )
     if tasks:
         pruned = api.evaluate(lm, tasks, eval_seqlen, eval_limit)
@@ -138,12 +148,18 @@ def evaluate(
 
 @app.command()
 def methods() -> None:
-    """List registered methods with one line each and their options."""
+    """List registered methods and weight updates with one line each and their options."""
     for name in sorted(REGISTRY):
         cls = REGISTRY[name]
         typer.echo(f"{name:<18}[{cls.kind}] {cls.summary}")
         for field in dataclasses.fields(cls.Config):
             typer.echo(f"{'':<20}--opt {field.name}={field.default!r}")
+    typer.echo("\nweight updates (--update NAME, after any unstructured/N:M method):")
+    for name in sorted(UPDATES):
+        cls = UPDATES[name]
+        typer.echo(f"{name:<18}{cls.summary}")
+        for field in dataclasses.fields(cls.Config):
+            typer.echo(f"{'':<20}--update-opt {field.name}={field.default!r}")
 
 
 def main() -> None:
