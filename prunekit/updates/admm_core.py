@@ -126,14 +126,15 @@ def run_admm(
     iterations: int,
     rho: float,
     rho_rule: RhoRule = constant_rho,
-    stop_when_stable: int = 0,
     check_every: int = 3,
+    stop_after: int = 0,
+    stable_changes: int = 0,
 ) -> AdmmResult:
-    """`iterations` ADMM steps from W = W₀, U = 0; the result is Π_mask(W + U) after the last.
+    """Up to `iterations` ADMM steps from W = W₀, U = 0; the result is Π_mask(W + U).
 
     The mask's changes are counted every `check_every` iterations and passed to `rho_rule`.
-    With `stop_when_stable` > 0, the run stops at a check that finds the mask unchanged once
-    at least that many iterations are done.
+    With `stop_after` > 0, the run stops at a check that finds at most `stable_changes`
+    changed positions once at least `stop_after` iterations are done.
     """
     inverse = PenalisedInverse(problem.hessian)
     w = problem.dense.clone()
@@ -145,7 +146,7 @@ def run_admm(
         if (it + 1) % check_every == 0:
             changes = int((mask != checked).sum())
             checked = mask
-            if stop_when_stable and it + 1 >= stop_when_stable and changes == 0:
+            if stop_after and it + 1 >= stop_after and changes <= stable_changes:
                 return AdmmResult(z, mask, it + 1, rho)
             new_rho = rho_rule(rho, changes)
         else:
