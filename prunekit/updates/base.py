@@ -55,7 +55,7 @@ class WeightUpdate:
     def apply(self, module: nn.Module, dense: torch.Tensor, stats: LayerStats) -> dict[str, float]:
         """Update `module` in place; its current zeros are the mask. Returns the relative
         reconstruction error trace(ΔW H ΔWᵀ) / trace(W H Wᵀ) before and after."""
-        pruned = weight_matrix(module)
+        pruned = weight_matrix(module).clone()
         mask = pruned != 0
         dense = dense.float()
         new = self.solve(dense, mask, stats) * mask
