@@ -93,9 +93,8 @@ def exact_counts(wanted: list[torch.Tensor], widths: list[int], total: int) -> l
     """Integer drop counts per row, each <= its row width, summing exactly to `total`,
     proportional to the continuous `wanted` counts (largest remainders)."""
     flat = torch.cat([w.double() for w in wanted])
-    caps = torch.cat(
-        [torch.full((w.numel(),), float(c), dtype=torch.double) for w, c in zip(wanted, widths)]
-    )
+    sizes = [w.numel() for w in wanted]
+    caps = torch.repeat_interleave(torch.tensor(widths, dtype=torch.double), torch.tensor(sizes))
     scaled = (flat * total / flat.sum().clamp_min(1e-12)).clamp(max=caps)
     counts = scaled.floor()
     missing = total - int(counts.sum())
@@ -105,7 +104,7 @@ def exact_counts(wanted: list[torch.Tensor], widths: list[int], total: int) -> l
         take = order[: min(missing, int(room.sum()))]
         counts[take] += 1
         missing = total - int(counts.sum())
-    return list(counts.long().split([w.numel() for w in wanted]))
+    return list(counts.long().split(sizes))
 
 
 @register
