@@ -12,6 +12,7 @@ import torch
 
 from prunekit.allocation import allocate
 from prunekit.data import calibration_windows, check_dataset, load_text
+from prunekit.engine.runner import PROPAGATION
 from prunekit.errors import PrunekitError, choice_error
 from prunekit.eval.perplexity import perplexity
 from prunekit.export import save_pruned
@@ -101,6 +102,7 @@ def plan_prune(
     nsamples: int = 64,
     calib: str = "wikitext2",
     options: dict[str, Any] | None = None,
+    propagate: str = "pruned",
     update: str = "none",
     update_options: dict[str, Any] | None = None,
 ) -> PrunePlan:
@@ -127,6 +129,8 @@ def plan_prune(
         raise choice_error("scope", scope, SCOPES)
     if nsamples < 1:
         raise PrunekitError(f"nsamples must be at least 1, got {nsamples}")
+    if propagate not in PROPAGATION:
+        raise choice_error("propagation", propagate, PROPAGATION)
     check_dataset(calib)
     weight_update = plan_update(method_cls, update, update_options)
     return PrunePlan(method_cls, config, parsed, check_sparsity(sparsity), weight_update)
@@ -146,6 +150,7 @@ def prune(
     device: str = "cpu",
     batch_size: int = 8,
     options: dict[str, Any] | None = None,
+    propagate: str = "pruned",
     update: str = "none",
     update_options: dict[str, Any] | None = None,
 ) -> PruneRecord:
@@ -157,7 +162,16 @@ def prune(
     write `method="wanda+admm"`), with `update_options` its own options.
     """
     plan = plan_prune(
-        method, sparsity, pattern, scope, nsamples, calib, options, update, update_options
+        method,
+        sparsity,
+        pattern,
+        scope,
+        nsamples,
+        calib,
+        options,
+        propagate,
+        update,
+        update_options,
     )
     _check_seqlen(lm, seqlen)
     if plan.pattern.is_nm:
@@ -170,6 +184,7 @@ def prune(
         device=device,
         batch_size=batch_size,
         seed=seed,
+        propagate=propagate,
     )
 
     start = time.perf_counter()

@@ -71,6 +71,9 @@ def prune(
     seed: int = typer.Option(0, help="seed of every random choice"),
     device: str = typer.Option("cpu", help="compute device for the current block"),
     batch_size: int = typer.Option(8, help="windows per forward pass"),
+    propagate: str = typer.Option(
+        "pruned", help="calibrate each block on the pruned or the dense previous outputs"
+    ),
     opt: list[str] = typer.Option([], "--opt", help="method option key=value (repeatable)"),
     update: str = typer.Option("none", help="weight update after the mask: none, admm, alps, ..."),
     update_opt: list[str] = typer.Option(
@@ -91,7 +94,16 @@ def prune(
         sparsity = 0.5
     update_options = _parse_options(update_opt)
     api.plan_prune(
-        method, sparsity, pattern, scope, nsamples, calib, options, update, update_options
+        method,
+        sparsity,
+        pattern,
+        scope,
+        nsamples,
+        calib,
+        options,
+        propagate,
+        update,
+        update_options,
     )
     tasks = _split(eval)
     for task in tasks:
@@ -112,6 +124,7 @@ def prune(
         device=device,
         batch_size=batch_size,
         options=options,
+        propagate=propagate,
         update=update,
         update_options=update_options,
     )

@@ -72,7 +72,9 @@ class PruneRequest:
     """The common part of a pruning run, shared by every method.
 
     `sparsity` is the mean target (share of weights zeroed, or of structure removed);
-    `layer_sparsity` optionally gives one ratio per block (allocation).
+    `layer_sparsity` optionally gives one ratio per block (allocation). `propagate` says
+    whether block i+1 is calibrated on the pruned ("pruned", as the papers do) or the dense
+    ("dense", one pass per block) outputs of block i.
     """
 
     sparsity: float
@@ -81,6 +83,7 @@ class PruneRequest:
     device: str = "cpu"
     batch_size: int = 8
     seed: int = 0
+    propagate: str = "pruned"
     layer_sparsity: list[float] | None = None
 
     def target(self, block_index: int) -> Target:
@@ -134,12 +137,16 @@ class LayerwiseMethod(Method):
                     self.prune_linear(module, {}, request.target(index), path)
             return self.details()
         runner = SequentialRunner(
-            lm.adapter, calib, device=request.device, batch_size=request.batch_size
+            lm.adapter,
+            calib,
+            device=request.device,
+            batch_size=request.batch_size,
+            propagate=request.propagate,
+            collect=tuple(self.statistics()),
         )
-        names = self.statistics()
         errors: list[dict[str, float]] = []
         for ctx in runner:
-            stats = ctx.collect(names) if names else {}
+            stats = ctx.stats
             if self.update is None:
                 self.prune_block(ctx, stats, request.target(ctx.index))
                 continue
