@@ -40,10 +40,14 @@ ROLES = ("q", "o", "down")
 def method_options(name: str, args: argparse.Namespace) -> dict:
     """Options that bound the run time; recorded in the JSON."""
     if name == "alps":
-        return {"max_iterations": args.alps_iterations, "min_iterations": 15}
+        return {"max_iterations": args.alps_iterations, "min_iterations": args.alps_iterations // 2}
     if name == "besa":
         return {"epochs": args.besa_epochs}
     return {}
+
+
+def update_options(update: str, args: argparse.Namespace) -> dict:
+    return {"iterations": args.admm_iterations} if update == "admm" else {}
 
 
 def calibration(lm, args: argparse.Namespace):
@@ -120,16 +124,19 @@ def ppl_part(args: argparse.Namespace) -> dict:
     import prunekit
 
     rows = []
-    lm = prunekit.load_model(args.model)
-    dense = prunekit.evaluate(lm, ["wikitext2"], args.eval_seqlen, args.eval_limit)["wikitext2"]
-    rows.append({"method": "dense", "pattern": "-", "perplexity": dense["perplexity"]})
-    print(json.dumps(rows[-1]), flush=True)
+    if args.dense:
+        lm = prunekit.load_model(args.model)
+        dense = prunekit.evaluate(lm, ["wikitext2"], args.eval_seqlen, args.eval_limit)
+        ppl = dense["wikitext2"]["perplexity"]
+        rows.append({"method": "dense", "pattern": "-", "perplexity": ppl})
+        print(json.dumps(rows[-1]), flush=True)
     for spec in args.methods:
-        name = spec.partition("+")[0]
+        name, _, update = spec.partition("+")
         if args.pattern != "unstructured" and not prunekit.methods.get_method(name).supports_nm:
             continue
         lm = prunekit.load_model(args.model)
         options = method_options(name, args)
+        extra = update_options(update, args)
         record = prunekit.prune(
             lm,
             spec,
@@ -140,6 +147,7 @@ def ppl_part(args: argparse.Namespace) -> dict:
             seqlen=args.seqlen,
             seed=args.seed,
             options=options,
+            update_options=extra,
         )
         result = prunekit.evaluate(lm, ["wikitext2"], args.eval_seqlen, args.eval_limit)
         rows.append(
@@ -147,6 +155,7 @@ def ppl_part(args: argparse.Namespace) -> dict:
                 "method": spec,
                 "pattern": args.pattern,
                 "options": options,
+                "update_options": extra,
                 "sparsity": record.overall_sparsity,
                 "prune_s": record.wall_time_s,
                 "perplexity": result["wikitext2"]["perplexity"],
@@ -224,7 +233,9 @@ def main() -> None:
     parser.add_argument("--eval-limit", type=int, default=None)
     parser.add_argument("--eval-seqlen", type=int, default=1024)
     parser.add_argument("--blocks", default="3,15,27", help="blocks for --part layers")
-    parser.add_argument("--alps-iterations", type=int, default=60)
+    parser.add_argument("--alps-iterations", type=int, default=60, help="ALPS max iterations")
+    parser.add_argument("--admm-iterations", type=int, default=20, help="ADMM update iterations")
+    parser.add_argument("--no-dense", dest="dense", action="store_false", help="skip dense")
     parser.add_argument("--besa-epochs", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
@@ -254,7 +265,9 @@ def main() -> None:
         protocol=protocol,
         wall_s=time.perf_counter() - start,
     )
-    shard = args.part if args.part == "layers" else f"ppl_{args.pattern.replace(':', 'of')}"
+    shard = args.part
+    if args.part == "ppl":
+        shard = f"ppl_{args.pattern.replace(':', 'of')}_{'_'.join(args.methods).replace('+', '-')}"
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"weight_update_{shard}.json").write_text(json.dumps(result, indent=2) + "\n")
 
