@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -154,6 +155,8 @@ def ppl_part(args: argparse.Namespace) -> dict:
             {
                 "method": spec,
                 "pattern": args.pattern,
+                "nsamples": args.nsamples,
+                "seqlen": args.seqlen,
                 "options": options,
                 "update_options": extra,
                 "sparsity": record.overall_sparsity,
@@ -167,6 +170,14 @@ def ppl_part(args: argparse.Namespace) -> dict:
     return {"ppl": rows}
 
 
+def salvage(log: Path, part: str) -> dict:
+    """The rows a run printed before it was stopped (marked partial)."""
+    text = log.read_text().replace("\r", "\n")
+    rows = [json.loads(line[line.index("{") :]) for line in text.splitlines() if '{"' in line]
+    key = "layers" if part == "layers" else "ppl"
+    return {key: rows, "partial": f"stopped for time; {len(rows)} rows finished"}
+
+
 def report() -> None:
     """Merge the shards into weight_update.json and weight_update.md."""
     shards = sorted(RESULTS.glob("weight_update_*.json"))
@@ -174,7 +185,8 @@ def report() -> None:
     (RESULTS / "weight_update.json").write_text(json.dumps(merged, indent=2) + "\n")
     lines = ["# Weight updates", ""]
     for shard in merged["shards"]:
-        lines.append(f"- `{shard['command']}` ({shard['protocol']})")
+        partial = f"; **partial: {shard['partial']}**" if "partial" in shard else ""
+        lines.append(f"- `{shard['command']}` ({shard['protocol']}{partial})")
     ppl = {}
     for shard in merged["shards"]:
         for row in shard.get("ppl", []):
@@ -195,7 +207,18 @@ def report() -> None:
     layers = [row for shard in merged["shards"] for row in shard.get("layers", [])]
     if layers:
         lines += ["", "## Layer reconstruction error ‖WX − ŴX‖ / ‖WX‖ (same X, dense model)", ""]
-        keys = sorted({(r["block"], r["layer"]) for r in layers})
+        done = {(r["block"], r["layer"], r["pattern"], r["method"]) for r in layers}
+        keys = sorted(
+            {
+                (r["block"], r["layer"])
+                for r in layers
+                if all(
+                    (r["block"], r["layer"], p, m) in done
+                    for p in ("unstructured", "2:4")
+                    for m in LAYER_METHODS
+                )
+            }
+        )
         for pattern in ("unstructured", "2:4"):
             lines += [f"### 50% {pattern}" if pattern == "unstructured" else "### 2:4", ""]
             header = "| method | " + " | ".join(f"{b}.{p}" for b, p in keys) + " | mean |"
@@ -236,6 +259,9 @@ def main() -> None:
     parser.add_argument("--alps-iterations", type=int, default=60, help="ALPS max iterations")
     parser.add_argument("--admm-iterations", type=int, default=20, help="ADMM update iterations")
     parser.add_argument("--no-dense", dest="dense", action="store_false", help="skip dense")
+    parser.add_argument(
+        "--salvage", type=Path, help="rebuild a stopped run's shard from the rows in its log"
+    )
     parser.add_argument("--besa-epochs", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
@@ -244,15 +270,19 @@ def main() -> None:
         return
     if args.part is None:
         parser.error("give --part layers|ppl, or --report")
-    import sys
-
     import torch
 
     torch.set_num_threads(args.threads)
     args.methods = [m for m in args.methods.split(",") if m]
     args.blocks = [int(b) for b in args.blocks.split(",")]
     start = time.perf_counter()
-    result = layer_part(args) if args.part == "layers" else ppl_part(args)
+    command = sys.argv[1:]
+    if args.salvage:
+        result = salvage(args.salvage, args.part)
+        i = command.index("--salvage")
+        command = command[:i] + command[i + 2 :]
+    else:
+        result = layer_part(args) if args.part == "layers" else ppl_part(args)
     protocol = (
         f"{args.model}; {args.nsamples} calibration windows x {args.seqlen} tokens of "
         f"WikiText-2 (calibration split), seed {args.seed}"
@@ -261,7 +291,7 @@ def main() -> None:
         limit = f"first {args.eval_limit}" if args.eval_limit else "all"
         protocol += f"; WikiText-2 test, {limit} windows of {args.eval_seqlen} tokens"
     result.update(
-        command="python benchmarks/weight_update.py " + " ".join(sys.argv[1:]),
+        command="python benchmarks/weight_update.py " + " ".join(command),
         protocol=protocol,
         wall_s=time.perf_counter() - start,
     )
