@@ -146,14 +146,11 @@ class LayerwiseMethod(Method):
         )
         errors: list[dict[str, float]] = []
         for ctx in runner:
-            stats = ctx.stats
-            if self.update is None:
-                self.prune_block(ctx, stats, request.target(ctx.index))
-                continue
-            dense = {path: weight_matrix(m).clone() for path, m in ctx.linears().items()}
-            self.prune_block(ctx, stats, request.target(ctx.index))
-            for path, module in ctx.linears().items():
-                errors.append(self.update.apply(module, dense[path], stats[path]))
+            linears = ctx.linears()
+            dense = {p: weight_matrix(m).clone() for p, m in linears.items()} if self.update else {}
+            self.prune_block(ctx, ctx.stats, request.target(ctx.index))
+            for path, weight in dense.items():
+                errors.append(self.update.apply(linears[path], weight, ctx.stats[path]))
         return {**self.details(), **self.update_facts(errors)}
 
     def details(self) -> dict:
