@@ -19,7 +19,7 @@ from prunekit.eval.tasks import TASKS, canonical_task
 from prunekit.eval.zeroshot import evaluate_tasks
 from prunekit.export import save_pruned
 from prunekit.masks import SCOPES, Pattern, check_sparsity
-from prunekit.methods import Method, MethodConfig, PruneRequest, get_method
+from prunekit.methods import LayerwiseMethod, Method, MethodConfig, PruneRequest, get_method
 from prunekit.models.adapter import weight_matrix
 from prunekit.models.loading import LoadedModel, load_model
 from prunekit.record import (
@@ -29,6 +29,7 @@ from prunekit.record import (
     overall_sparsity,
     peak_rss_mb,
 )
+from prunekit.updates import WeightUpdate, get_update
 
 __all__ = [
     "check_evaluation_name",
@@ -69,6 +70,39 @@ class PrunePlan:
     pattern: Pattern
     sparsity: float
     allocation: Allocation
+    update: WeightUpdate | None = None
+
+    def make_method(self) -> Method:
+        """The method instance, carrying the weight update when one is requested."""
+        if self.update is None:
+            return self.method(self.config)
+        return self.method(self.config, update=self.update)
+
+
+def split_method(method: str, update: str = "none") -> tuple[str, str]:
+    """`"wanda+admm"` is shorthand for method "wanda" with update "admm"."""
+    name, plus, suffix = method.partition("+")
+    if not plus:
+        return method, update
+    if update != "none" and update != suffix:
+        raise PrunekitError(f"method {method!r} names update {suffix!r} but update is {update!r}")
+    return name, suffix
+
+
+def plan_update(
+    method_cls: type[Method], update: str, options: dict[str, Any] | None
+) -> WeightUpdate | None:
+    """The requested weight update (None for "none"), checked against the method."""
+    if update == "none":
+        if options:
+            raise PrunekitError("update options given but no update requested (--update)")
+        return None
+    update_cls = get_update(update)
+    if not issubclass(method_cls, LayerwiseMethod):
+        raise PrunekitError(
+            f"update {update!r} needs a mask method; {method_cls.name!r} is {method_cls.kind}"
+        )
+    return update_cls(update_cls.Config.from_options(options or {}))
 
 
 def plan_prune(
@@ -81,8 +115,14 @@ def plan_prune(
     options: dict[str, Any] | None = None,
     propagate: str = "pruned",
     allocation: str | Allocation = "uniform",
+    update: str = "none",
+    update_options: dict[str, Any] | None = None,
 ) -> PrunePlan:
-    """Check everything about a request that does not need the model; one-line errors."""
+    """Check everything about a request that does not need the model; one-line errors.
+
+    `method` may be `"NAME+UPDATE"` (e.g. `"wanda+admm"`), the same as `update="UPDATE"`.
+    """
+    method, update = split_method(method, update)
     method_cls = get_method(method)
     config = method_cls.Config.from_options(options or {})
     parsed = Pattern.parse(pattern)
@@ -110,7 +150,8 @@ def plan_prune(
             f"allocation {alloc.name!r} needs an unstructured pattern; N:M fixes every "
             f"block at {parsed.sparsity:g}"
         )
-    return PrunePlan(method_cls, config, parsed, check_sparsity(sparsity), alloc)
+    weight_update = plan_update(method_cls, update, update_options)
+    return PrunePlan(method_cls, config, parsed, check_sparsity(sparsity), alloc, weight_update)
 
 
 def prune(
@@ -128,6 +169,8 @@ def prune(
     batch_size: int = 8,
     options: dict[str, Any] | None = None,
     propagate: str = "pruned",
+    update: str = "none",
+    update_options: dict[str, Any] | None = None,
 ) -> PruneRecord:
     """Prune `lm.model` in place and return how it was done.
 
@@ -135,9 +178,21 @@ def prune(
     implies it (1 - N/M). `options` are the method's own (`prunekit methods` lists them).
     `allocation` spreads the mean over the blocks: `uniform`, `owl[:m=5,lam=0.08]`,
     `file:PATH.json` (block index -> ratio), or an `Allocation` instance.
+    `update` re-fits the kept weights after the mask ("admm", "alps", "sparsegpt"; or
+    write `method="wanda+admm"`), with `update_options` its own options.
     """
     plan = plan_prune(
-        method, sparsity, pattern, scope, nsamples, calib, options, propagate, allocation
+        method,
+        sparsity,
+        pattern,
+        scope,
+        nsamples,
+        calib,
+        options,
+        propagate,
+        allocation,
+        update,
+        update_options,
     )
     _check_seqlen(lm, seqlen)
     if plan.pattern.is_nm:
@@ -157,7 +212,7 @@ def prune(
     start = time.perf_counter()
     torch.manual_seed(seed)
     windows, calibration = None, None
-    if method_cls.needs_calibration or alloc.needs_calibration:
+    if method_cls.needs_calibration or alloc.needs_calibration or plan.update is not None:
         source = load_text(calib, purpose="calib")
         windows = calibration_windows(lm.tokenizer, source.text, nsamples, seqlen, seed)
         calibration = {
@@ -170,15 +225,16 @@ def prune(
     params_before = count_parameters(lm.model)
     allocated = allocate(alloc, lm, windows, request)
     request.layer_sparsity = allocated.ratios
-    details = method_cls(config).run(lm, windows, request) or {}
+    details = plan.make_method().run(lm, windows, request) or {}
     if alloc.name != "uniform":
         details = {**details, "allocation": allocated.details}
     request_dict = dataclasses.asdict(request)
     request_dict["pattern"] = str(parsed)
     request_dict["allocation"] = alloc.spec
+    request_dict["update"] = plan.update.name if plan.update else "none"
     return PruneRecord(
         source_model=lm.source,
-        method=method,
+        method=method_cls.name,
         config=dataclasses.asdict(config),
         request=request_dict,
         calibration=calibration,
@@ -189,6 +245,7 @@ def prune(
         wall_time_s=time.perf_counter() - start,
         peak_rss_mb=peak_rss_mb(),
         details=details,
+        update=plan.update.describe() if plan.update else None,
     )
 
 

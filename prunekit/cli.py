@@ -16,6 +16,7 @@ from prunekit.errors import PrunekitError
 from prunekit.eval.llmkick import format_llmkick, llmkick_view
 from prunekit.export import check_output_dir
 from prunekit.methods import REGISTRY
+from prunekit.updates import UPDATES
 
 app = typer.Typer(
     add_completion=False,
@@ -111,6 +112,10 @@ def prune(
         "pruned", help="calibrate each block on the pruned or the dense previous outputs"
     ),
     opt: list[str] = typer.Option([], "--opt", help="method option key=value (repeatable)"),
+    update: str = typer.Option("none", help="weight update after the mask: none, admm, alps, ..."),
+    update_opt: list[str] = typer.Option(
+        [], "--update-opt", help="update option key=value (repeatable)"
+    ),
     out: Path | None = typer.Option(None, help="write the pruned model here"),
     overwrite: bool = typer.Option(False, help="replace an existing --out folder"),
     eval: str = typer.Option(
@@ -128,8 +133,19 @@ def prune(
     options = _parse_options(opt)
     if sparsity is None and pattern == "unstructured":
         sparsity = 0.5
+    update_options = _parse_options(update_opt)
     api.plan_prune(
-        method, sparsity, pattern, scope, nsamples, calib, options, propagate, allocation
+        method,
+        sparsity,
+        pattern,
+        scope,
+        nsamples,
+        calib,
+        options,
+        propagate,
+        allocation,
+        update,
+        update_options,
     )
     tasks = _split(eval)
     for task in tasks:
@@ -151,6 +167,8 @@ def prune(
         batch_size=batch_size,
         options=options,
         propagate=propagate,
+        update=update,
+        update_options=update_options,
     )
     if tasks:
         pruned = api.evaluate(lm, tasks, eval_seqlen, eval_limit)
@@ -191,12 +209,18 @@ def evaluate(
 
 @app.command()
 def methods() -> None:
-    """List registered methods with one line each and their options."""
+    """List registered methods and weight updates with one line each and their options."""
     for name in sorted(REGISTRY):
         cls = REGISTRY[name]
         typer.echo(f"{name:<18}[{cls.kind}] {cls.summary}")
         for field in dataclasses.fields(cls.Config):
             typer.echo(f"{'':<20}--opt {field.name}={field.default!r}")
+    typer.echo("\nweight updates (--update NAME, after any unstructured/N:M method):")
+    for name in sorted(UPDATES):
+        cls = UPDATES[name]
+        typer.echo(f"{name:<18}{cls.summary}")
+        for field in dataclasses.fields(cls.Config):
+            typer.echo(f"{'':<20}--update-opt {field.name}={field.default!r}")
 
 
 @app.command()

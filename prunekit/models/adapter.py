@@ -59,6 +59,11 @@ def weight_matrix(module: nn.Module) -> torch.Tensor:
     return module.weight.data
 
 
+def as_weight_parameter(module: nn.Module, matrix: torch.Tensor) -> torch.Tensor:
+    """An [out, in] matrix in the layout of `module.weight` (transposed for `Conv1D`)."""
+    return matrix.t() if isinstance(module, Conv1D) else matrix
+
+
 def set_weight_matrix(module: nn.Module, weight: torch.Tensor) -> None:
     """Write an [out, in] matrix back into a linear-like module, keeping its dtype."""
     target = weight_matrix(module)
