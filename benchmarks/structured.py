@@ -114,6 +114,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--name", default="structured")
+    parser.add_argument("--no-dense-eval", action="store_true", help="shards after the first")
     parser.add_argument("--merge", default="", help="combine these result names into --name")
     args = parser.parse_args()
     if args.merge:
@@ -123,13 +124,17 @@ def main() -> None:
     datasets = args.datasets.split(",")
 
     dense = prunekit.load_model(args.model)
-    ppl = prunekit.evaluate(dense, datasets, args.eval_seqlen, args.eval_limit)
+    ppl = (
+        {}
+        if args.no_dense_eval
+        else prunekit.evaluate(dense, datasets, args.eval_seqlen, args.eval_limit)
+    )
     payload = {
         "args": vars(args),
         "dense": {
             "parameters": count_parameters(dense.model),
             "decoder_parameters": decoder_parameters(dense.adapter),
-            **{name: ppl[name]["perplexity"] for name in datasets},
+            **{name: ppl[name]["perplexity"] for name in ppl},
             "evaluation": ppl,
         },
         "runs": [],

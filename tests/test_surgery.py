@@ -50,7 +50,9 @@ def _prune_and_mask(lm: LoadedModel, uniform: bool) -> torch.nn.Module:
         widths = block_widths(adapter, block)
         ids = structure_ids(adapter, block)
         drop_group = 0 if uniform else i % widths.kv_heads
-        drop_channels = [c for c in range(widths.intermediate) if c % 3 == (0 if uniform else i % 3)]
+        drop_channels = [
+            c for c in range(widths.intermediate) if c % 3 == (0 if uniform else i % 3)
+        ]
         if adapter.spec.heads_removable:
             keep_heads(adapter, block, [g for g in range(widths.kv_heads) if g != drop_group])
             o = weight_matrix(ref_adapter.linear(ref_block, "o"))
@@ -75,9 +77,10 @@ def test_removing_nothing_keeps_logits_identical(family):
     assert torch.equal(_logits(lm.model), before)
 
 
-@pytest.mark.parametrize("uniform", [True, False])
-@pytest.mark.parametrize("family", sorted(CONFIGS))
-def test_removal_equals_masking_and_generation_works(family, uniform):
+@pytest.mark.parametrize(
+    "family, uniform", [("llama", True)] + [(f, False) for f in sorted(CONFIGS)]
+)
+def test_removal_equals_masking_and_generation_works(family, uniform, tmp_path):
     lm = _lm(family)
     original = _logits(lm.model)
     reference = _prune_and_mask(lm, uniform)
@@ -88,6 +91,10 @@ def test_removal_equals_masking_and_generation_works(family, uniform):
     uncached = lm.model.generate(IDS[:1], max_new_tokens=6, do_sample=False, use_cache=False)
     assert torch.equal(cached, uncached)
     assert torch.equal(cached, reference.generate(IDS[:1], max_new_tokens=6, do_sample=False))
+    out = save_pruned(lm, tmp_path / family, {})
+    loaded = prunekit.load_pruned(out).model
+    loaded.set_attn_implementation("eager")
+    assert torch.equal(_logits(loaded), pruned)
 
 
 def test_gqa_groups_are_never_split_on_stories(stories):
@@ -187,7 +194,14 @@ def test_per_layer_model_loads_with_load_pruned_and_remote_code(stories, tmp_pat
     torch.save(ids, tmp_path / "ids.pt")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     run = subprocess.run(
-        [sys.executable, "-c", _REMOTE_LOAD, str(out), str(tmp_path / "ids.pt"), str(tmp_path / "o.pt")],
+        [
+            sys.executable,
+            "-c",
+            _REMOTE_LOAD,
+            str(out),
+            str(tmp_path / "ids.pt"),
+            str(tmp_path / "o.pt"),
+        ],
         capture_output=True,
         text=True,
         cwd=tmp_path,
@@ -196,14 +210,3 @@ def test_per_layer_model_loads_with_load_pruned_and_remote_code(stories, tmp_pat
     assert run.returncode == 0, run.stderr[-2000:]
     assert "PrunekitLlamaForCausalLM" in run.stdout
     assert torch.equal(torch.load(tmp_path / "o.pt"), expected)
-
-
-@pytest.mark.parametrize("family", sorted(CONFIGS))
-def test_every_family_round_trips_per_layer_widths(family, tmp_path):
-    lm = _lm(family)
-    _prune_and_mask(lm, uniform=False)
-    expected = _logits(lm.model)
-    out = save_pruned(lm, tmp_path / family, {})
-    loaded = prunekit.load_pruned(out).model
-    loaded.set_attn_implementation("eager")
-    assert torch.equal(_logits(loaded), expected)
