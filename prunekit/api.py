@@ -21,7 +21,7 @@ from prunekit.export import save_pruned
 from prunekit.masks import SCOPES, Pattern, check_sparsity
 from prunekit.methods import LayerwiseMethod, Method, MethodConfig, PruneRequest, get_method
 from prunekit.models.adapter import weight_matrix
-from prunekit.models.loading import LoadedModel, load_model
+from prunekit.models.loading import LoadedModel, load_model, load_pruned
 from prunekit.record import (
     PruneRecord,
     count_parameters,
@@ -36,6 +36,7 @@ __all__ = [
     "evaluate",
     "is_zeroshot_task",
     "load_model",
+    "load_pruned",
     "plan_prune",
     "prune",
     "save",

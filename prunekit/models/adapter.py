@@ -24,6 +24,11 @@ class FamilySpec:
     attention projections), qkv (fused attention input), gate, up, down (GLU MLP),
     gate_up (fused GLU input); a plain MLP uses up (fc1) and down (fc2).
     `glu` is True when the MLP is act(gate(x)) * up(x).
+    `qkv_layout` says how a fused qkv linear orders its output rows: "stacked" is
+    [all q | all k | all v] (GPT-2, Phi-3), "per_head" is [q_h, k_h, v_h] for each head
+    h (GPT-NeoX). `heads_removable` is False where the attention slices its fused
+    projection by the config's head counts (shared by all layers), so surgery cannot
+    give one layer fewer heads.
     """
 
     model_types: tuple[str, ...]
@@ -33,6 +38,8 @@ class FamilySpec:
     linears: dict[str, str]
     norms: dict[str, str] = field(default_factory=dict)
     glu: bool = True
+    qkv_layout: str = ""
+    heads_removable: bool = True
 
 
 def get_path(root: nn.Module, path: str) -> nn.Module:

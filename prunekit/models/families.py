@@ -47,6 +47,8 @@ FAMILIES: tuple[FamilySpec, ...] = (
             "down": "mlp.down_proj",
         },
         norms=_LLAMA_NORMS,
+        qkv_layout="stacked",
+        heads_removable=False,
     ),
     FamilySpec(
         model_types=("opt",),
@@ -77,6 +79,7 @@ FAMILIES: tuple[FamilySpec, ...] = (
         },
         norms={"attn": "input_layernorm", "mlp": "post_attention_layernorm"},
         glu=False,
+        qkv_layout="per_head",
     ),
     FamilySpec(
         model_types=("gpt2",),
@@ -86,6 +89,7 @@ FAMILIES: tuple[FamilySpec, ...] = (
         linears={"qkv": "attn.c_attn", "o": "attn.c_proj", "up": "mlp.c_fc", "down": "mlp.c_proj"},
         norms={"attn": "ln_1", "mlp": "ln_2"},
         glu=False,
+        qkv_layout="stacked",
     ),
 )
 
