@@ -15,6 +15,7 @@ from typing import Any
 
 from prunekit.errors import PrunekitError
 from prunekit.models.loading import LoadedModel
+from prunekit.remote import copy_remote_code
 
 RECORD_FILE = "prunekit.json"
 
@@ -38,6 +39,7 @@ def save_pruned(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         lm.model.save_pretrained(tmp)
+        copy_remote_code(lm.model.config, tmp)
         lm.tokenizer.save_pretrained(tmp)
         (tmp / RECORD_FILE).write_text(json.dumps(record, indent=2, sort_keys=False) + "\n")
         if out.exists():
