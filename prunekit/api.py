@@ -18,7 +18,7 @@ from prunekit.export import save_pruned
 from prunekit.masks import SCOPES, Pattern, check_sparsity
 from prunekit.methods import PruneRequest, get_method
 from prunekit.models.adapter import weight_matrix
-from prunekit.models.loading import LoadedModel, load_model
+from prunekit.models.loading import LoadedModel, load_model, load_pruned
 from prunekit.record import (
     PruneRecord,
     count_parameters,
@@ -27,7 +27,7 @@ from prunekit.record import (
     peak_rss_mb,
 )
 
-__all__ = ["evaluate", "load_model", "prune", "save"]
+__all__ = ["evaluate", "load_model", "load_pruned", "prune", "save"]
 
 
 def _check_seqlen(lm: LoadedModel, seqlen: int) -> None:

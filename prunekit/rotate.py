@@ -12,7 +12,7 @@ from torch import nn
 
 from prunekit.errors import PrunekitError
 from prunekit.models.adapter import ModelAdapter
-from prunekit.remote.modeling_prunekit_sliced import WeightlessRMSNorm
+from prunekit.models.sliced_modeling import WeightlessRMSNorm
 
 ATTENTION_INPUTS = ("q", "k", "v", "qkv")
 MLP_INPUTS = ("gate", "up", "gate_up")

@@ -20,10 +20,11 @@ from torch import nn
 
 from prunekit.engine import COLLECTORS, BlockContext, SequentialRunner
 from prunekit.errors import PrunekitError
+from prunekit.export import SLICED_MODELING_FILE
 from prunekit.methods.base import Method, MethodConfig, PruneRequest, register
+from prunekit.models import sliced_modeling
 from prunekit.models.adapter import ModelAdapter
 from prunekit.models.loading import LoadedModel
-from prunekit.remote import modeling_prunekit_sliced as remote
 from prunekit.rotate import (
     ATTENTION_INPUTS,
     MLP_INPUTS,
@@ -84,8 +85,8 @@ class SliceGPT(Method):
     def run(self, lm: LoadedModel, calib: torch.Tensor | None, request: PruneRequest) -> dict:
         adapter = lm.adapter
         check_rotatable(adapter)
-        remote_class = f"Sliced{type(adapter.model).__name__}"
-        if not hasattr(remote, remote_class):
+        sliced_class = f"Sliced{type(adapter.model).__name__}"
+        if not hasattr(sliced_modeling, sliced_class):
             raise PrunekitError(f"slicegpt has no sliced model class for {adapter.model_type}")
         if request.layer_sparsity is not None:
             raise PrunekitError("slicegpt gives every block one width; use --allocation uniform")
@@ -98,7 +99,7 @@ class SliceGPT(Method):
         fold_norms(adapter)
         for index, block in enumerate(adapter.blocks):
             norms = adapter.norm(block, "attn"), adapter.norm(block, "mlp")
-            adapter.blocks[index] = remote.ShortcutDecoderLayer(block, *norms)
+            adapter.blocks[index] = sliced_modeling.ShortcutDecoderLayer(block, *norms)
 
         runner = SequentialRunner(
             adapter, calib, request.device, request.batch_size, progress="slicegpt"
@@ -116,8 +117,8 @@ class SliceGPT(Method):
 
         config = adapter.config
         config.sliced_hidden_size = width
-        module = remote.__name__.rpartition(".")[2]
-        config.auto_map = {"AutoModelForCausalLM": f"{module}.{remote_class}"}
+        module = SLICED_MODELING_FILE.removesuffix(".py")
+        config.auto_map = {"AutoModelForCausalLM": f"{module}.{sliced_class}"}
         return {
             "hidden_size": hidden,
             "sliced_hidden_size": width,

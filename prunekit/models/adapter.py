@@ -28,6 +28,11 @@ class FamilySpec:
     "rms_offset" (x / rms(x) · (1 + w), Gemma) or "layer" (LayerNorm with bias).
     `output_norms` is True when sublayer outputs are normalised before the residual add
     (Gemma 2/3), so the residual stream is not only touched by pre-norms.
+    `qkv_layout` says how a fused qkv linear orders its output rows: "stacked" is
+    [all q | all k | all v] (GPT-2, Phi-3), "per_head" is [q_h, k_h, v_h] for each head
+    h (GPT-NeoX). `heads_removable` is False where the attention slices its fused
+    projection by the config's head counts (shared by all layers), so surgery cannot
+    give one layer fewer heads.
     """
 
     model_types: tuple[str, ...]
@@ -39,6 +44,8 @@ class FamilySpec:
     glu: bool = True
     norm_kind: str = "rms"
     output_norms: bool = False
+    qkv_layout: str = ""
+    heads_removable: bool = True
 
 
 def get_path(root: nn.Module, path: str) -> nn.Module:

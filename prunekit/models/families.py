@@ -58,6 +58,8 @@ FAMILIES: tuple[FamilySpec, ...] = (
             "down": "mlp.down_proj",
         },
         norms=_LLAMA_NORMS,
+        qkv_layout="stacked",
+        heads_removable=False,
     ),
     FamilySpec(
         model_types=("opt",),
@@ -90,6 +92,7 @@ FAMILIES: tuple[FamilySpec, ...] = (
         norms={"attn": "input_layernorm", "mlp": "post_attention_layernorm"},
         glu=False,
         norm_kind="layer",
+        qkv_layout="per_head",
     ),
     FamilySpec(
         model_types=("gpt2",),
@@ -100,6 +103,7 @@ FAMILIES: tuple[FamilySpec, ...] = (
         norms={"attn": "ln_1", "mlp": "ln_2"},
         glu=False,
         norm_kind="layer",
+        qkv_layout="stacked",
     ),
 )
 

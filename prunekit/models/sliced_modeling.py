@@ -1,7 +1,9 @@
 """SliceGPT-sliced causal LMs: a model class written into every sliced folder.
 
-This file is copied next to `config.json` by prunekit and loaded by `transformers` with
-`trust_remote_code=True`; it imports only torch and transformers (no prunekit).
+prunekit copies this file into a sliced model folder as `modeling_prunekit_sliced.py` and
+points the config's `auto_map` at `Sliced<Base>ForCausalLM`, so
+`AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)` loads it with only
+torch and transformers installed (`prunekit.load_pruned` uses prunekit's own copy).
 
 A sliced model keeps the base architecture's attention and MLP but its residual stream
 has `config.sliced_hidden_size` (d) channels instead of `hidden_size` (D):
