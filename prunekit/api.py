@@ -11,12 +11,12 @@ from typing import Any
 import torch
 
 from prunekit.allocation import allocate
-from prunekit.data import calibration_windows, load_text
+from prunekit.data import calibration_windows, check_dataset, load_text
 from prunekit.errors import PrunekitError, choice_error
 from prunekit.eval.perplexity import perplexity
 from prunekit.export import save_pruned
 from prunekit.masks import SCOPES, Pattern, check_sparsity
-from prunekit.methods import PruneRequest, get_method
+from prunekit.methods import Method, MethodConfig, PruneRequest, get_method
 from prunekit.models.adapter import weight_matrix
 from prunekit.models.loading import LoadedModel, load_model, load_pruned
 from prunekit.record import (
@@ -27,7 +27,7 @@ from prunekit.record import (
     peak_rss_mb,
 )
 
-__all__ = ["evaluate", "load_model", "load_pruned", "prune", "save"]
+__all__ = ["evaluate", "load_model", "load_pruned", "plan_prune", "prune", "save"]
 
 
 def _check_seqlen(lm: LoadedModel, seqlen: int) -> None:
@@ -47,6 +47,48 @@ def _check_nm_shapes(lm: LoadedModel, pattern: Pattern) -> None:
                     f"pattern {pattern} needs every layer's input width divisible by "
                     f"{pattern.m}; {path} has {in_features}"
                 )
+
+
+@dataclasses.dataclass(frozen=True)
+class PrunePlan:
+    """A validated pruning request, checked before any model is loaded."""
+
+    method: type[Method]
+    config: MethodConfig
+    pattern: Pattern
+    sparsity: float
+
+
+def plan_prune(
+    method: str,
+    sparsity: float | None,
+    pattern: str = "unstructured",
+    scope: str = "row",
+    nsamples: int = 64,
+    calib: str = "wikitext2",
+    options: dict[str, Any] | None = None,
+) -> PrunePlan:
+    """Check everything about a request that does not need the model; one-line errors."""
+    method_cls = get_method(method)
+    config = method_cls.Config.from_options(options or {})
+    parsed = Pattern.parse(pattern)
+    if parsed.is_nm:
+        if not method_cls.supports_nm:
+            raise PrunekitError(f"method {method!r} does not support N:M patterns")
+        if sparsity is not None and abs(sparsity - parsed.sparsity) > 1e-9:
+            raise PrunekitError(
+                f"sparsity {sparsity} conflicts with pattern {pattern} "
+                f"(which keeps {parsed.n} of {parsed.m}, i.e. sparsity {parsed.sparsity:g})"
+            )
+        sparsity = parsed.sparsity
+    if sparsity is None:
+        raise PrunekitError("sparsity is required with an unstructured pattern")
+    if scope not in SCOPES:
+        raise choice_error("scope", scope, SCOPES)
+    if nsamples < 1:
+        raise PrunekitError(f"nsamples must be at least 1, got {nsamples}")
+    check_dataset(calib)
+    return PrunePlan(method_cls, config, parsed, check_sparsity(sparsity))
 
 
 def prune(
@@ -69,28 +111,11 @@ def prune(
     `sparsity` is the mean share of weights (or structure) removed; an N:M `pattern`
     implies it (1 - N/M). `options` are the method's own (`prunekit methods` lists them).
     """
-    method_cls = get_method(method)
-    config = method_cls.Config.from_options(options or {})
-    parsed = Pattern.parse(pattern)
-    if parsed.is_nm:
-        if not method_cls.supports_nm:
-            raise PrunekitError(f"method {method!r} does not support N:M patterns")
-        if sparsity is not None and abs(sparsity - parsed.sparsity) > 1e-9:
-            raise PrunekitError(
-                f"sparsity {sparsity} conflicts with pattern {pattern} "
-                f"(which keeps {parsed.n} of {parsed.m}, i.e. sparsity {parsed.sparsity:g})"
-            )
-        sparsity = parsed.sparsity
-    if sparsity is None:
-        raise PrunekitError("sparsity is required with an unstructured pattern")
-    sparsity = check_sparsity(sparsity)
-    if scope not in SCOPES:
-        raise choice_error("scope", scope, SCOPES)
-    if nsamples < 1:
-        raise PrunekitError(f"nsamples must be at least 1, got {nsamples}")
+    plan = plan_prune(method, sparsity, pattern, scope, nsamples, calib, options)
     _check_seqlen(lm, seqlen)
-    if parsed.is_nm:
-        _check_nm_shapes(lm, parsed)
+    if plan.pattern.is_nm:
+        _check_nm_shapes(lm, plan.pattern)
+    method_cls, config, parsed, sparsity = plan.method, plan.config, plan.pattern, plan.sparsity
     request = PruneRequest(
         sparsity=sparsity,
         pattern=parsed,

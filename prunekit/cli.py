@@ -11,6 +11,7 @@ from typing import Any
 import typer
 
 from prunekit import api
+from prunekit.data import check_dataset
 from prunekit.errors import PrunekitError
 from prunekit.export import check_output_dir
 from prunekit.methods import REGISTRY
@@ -83,8 +84,11 @@ def prune(
     options = _parse_options(opt)
     if sparsity is None and pattern == "unstructured":
         sparsity = 0.5
-    lm = api.load_model(model, device="cpu")
+    api.plan_prune(method, sparsity, pattern, scope, nsamples, calib, options)
     tasks = _split(eval)
+    for task in tasks:
+        check_dataset(task)
+    lm = api.load_model(model, device="cpu")
     dense = api.evaluate(lm, tasks, eval_seqlen, eval_limit) if tasks else {}
     record = api.prune(
         lm,

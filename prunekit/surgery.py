@@ -225,6 +225,20 @@ def update_config_widths(adapter: ModelAdapter) -> list[BlockWidths] | None:
     return widths
 
 
+def block_parameters(block: nn.Module) -> int:
+    return sum(p.numel() for p in block.parameters())
+
+
 def decoder_parameters(adapter: ModelAdapter) -> int:
     """Parameters inside the decoder blocks (what structured sparsity is measured on)."""
-    return sum(p.numel() for block in adapter.blocks for p in block.parameters())
+    return sum(block_parameters(block) for block in adapter.blocks)
+
+
+def add_output_bias(module: nn.Module, delta: torch.Tensor) -> None:
+    """Add `delta` [out_features] to a linear's bias, creating the bias when it has none."""
+    w = weight_matrix(module)
+    delta = delta.to(device=w.device, dtype=w.dtype)
+    if getattr(module, "bias", None) is None:
+        module.bias = nn.Parameter(delta.clone(), requires_grad=module.weight.requires_grad)
+    else:
+        module.bias.data.add_(delta)

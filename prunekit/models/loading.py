@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from transformers.utils import logging as hf_logging
 
 from prunekit import settings
 from prunekit.errors import PrunekitError
@@ -126,6 +127,7 @@ def load_model(
     A folder written by prunekit with per-layer widths or sliced by SliceGPT is handed
     to `load_pruned`.
     """
+    hf_logging.disable_progress_bar()  # prunekit shows its own progress
     where, extra = _resolve(source)
     if is_per_layer_folder(where) or is_sliced_folder(where):
         return load_pruned(where, dtype=dtype, device=device)
