@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM
 
 import prunekit
 from prunekit import settings
+from prunekit.data import load_text
 from prunekit.methods import PruneRequest, get_method
 from prunekit.methods.slicegpt import sliced_width
 from prunekit.models import LoadedModel, adapter_for
@@ -21,12 +22,20 @@ from prunekit.models.sliced_modeling import ShortcutDecoderLayer
 IDS = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(0))
 
 
-def _slice(lm, sparsity, **options):
+@pytest.fixture(scope="module")
+def calib_file(tmp_path_factory) -> str:
+    """20k characters of Tiny Shakespeare (tokenizing the whole file is slow)."""
+    path = tmp_path_factory.mktemp("calib") / "calib.txt"
+    path.write_text(load_text("tinyshakespeare", purpose="calib").text[:20000])
+    return str(path)
+
+
+def _slice(lm, calib, sparsity, **options):
     return prunekit.prune(
         lm,
         "slicegpt",
         sparsity=sparsity,
-        calib="tinyshakespeare",
+        calib=calib,
         nsamples=4,
         seqlen=64,
         options=options,
@@ -38,9 +47,9 @@ def _logits(model, ids=IDS):
         return model(ids).logits
 
 
-def test_rotation_without_slicing_keeps_stories_logits(stories):
+def test_rotation_without_slicing_keeps_stories_logits(stories, calib_file):
     before = _logits(stories.model)
-    record = _slice(stories, 0.0)
+    record = _slice(stories, calib_file, 0.0)
     after = _logits(stories.model)
     assert (after - before).abs().max() < 1e-4
     assert record.details["sliced_hidden_size"] == 64
@@ -58,8 +67,8 @@ def test_rotation_without_slicing_keeps_tiny_model_logits(family):
     assert (after - before).abs().max() < 1e-4
 
 
-def test_sliced_shapes(stories):
-    record = _slice(stories, 0.25)
+def test_sliced_shapes(stories, calib_file):
+    record = _slice(stories, calib_file, 0.25)
     width = record.details["sliced_hidden_size"]
     assert width == 48
     adapter = stories.adapter
@@ -103,8 +112,8 @@ def test_ten_percent_slicing_degrades_gracefully(stories, tmp_path):
     assert dense["perplexity"] < sliced["perplexity"] < 3.0 * dense["perplexity"]
 
 
-def test_saved_sliced_model_reloads_with_identical_logits(stories, tmp_path):
-    record = _slice(stories, 0.25)
+def test_saved_sliced_model_reloads_with_identical_logits(stories, calib_file, tmp_path):
+    record = _slice(stories, calib_file, 0.25)
     ids = torch.randint(0, 512, (2, 32), generator=torch.Generator().manual_seed(0))
     before = _logits(stories.model, ids)
     out = prunekit.save(stories, tmp_path / "sliced", record)
