@@ -12,6 +12,7 @@ import torch
 
 from prunekit.allocation import allocate
 from prunekit.data import calibration_windows, check_dataset, load_text
+from prunekit.engine.runner import PROPAGATION
 from prunekit.errors import PrunekitError, choice_error
 from prunekit.eval.perplexity import perplexity
 from prunekit.export import save_pruned
@@ -67,6 +68,7 @@ def plan_prune(
     nsamples: int = 64,
     calib: str = "wikitext2",
     options: dict[str, Any] | None = None,
+    propagate: str = "pruned",
 ) -> PrunePlan:
     """Check everything about a request that does not need the model; one-line errors."""
     method_cls = get_method(method)
@@ -87,6 +89,8 @@ def plan_prune(
         raise choice_error("scope", scope, SCOPES)
     if nsamples < 1:
         raise PrunekitError(f"nsamples must be at least 1, got {nsamples}")
+    if propagate not in PROPAGATION:
+        raise choice_error("propagation", propagate, PROPAGATION)
     check_dataset(calib)
     return PrunePlan(method_cls, config, parsed, check_sparsity(sparsity))
 
@@ -105,13 +109,14 @@ def prune(
     device: str = "cpu",
     batch_size: int = 8,
     options: dict[str, Any] | None = None,
+    propagate: str = "pruned",
 ) -> PruneRecord:
     """Prune `lm.model` in place and return how it was done.
 
     `sparsity` is the mean share of weights (or structure) removed; an N:M `pattern`
     implies it (1 - N/M). `options` are the method's own (`prunekit methods` lists them).
     """
-    plan = plan_prune(method, sparsity, pattern, scope, nsamples, calib, options)
+    plan = plan_prune(method, sparsity, pattern, scope, nsamples, calib, options, propagate)
     _check_seqlen(lm, seqlen)
     if plan.pattern.is_nm:
         _check_nm_shapes(lm, plan.pattern)
@@ -123,6 +128,7 @@ def prune(
         device=device,
         batch_size=batch_size,
         seed=seed,
+        propagate=propagate,
     )
 
     start = time.perf_counter()

@@ -70,6 +70,9 @@ def prune(
     seed: int = typer.Option(0, help="seed of every random choice"),
     device: str = typer.Option("cpu", help="compute device for the current block"),
     batch_size: int = typer.Option(8, help="windows per forward pass"),
+    propagate: str = typer.Option(
+        "pruned", help="calibrate each block on the pruned or the dense previous outputs"
+    ),
     opt: list[str] = typer.Option([], "--opt", help="method option key=value (repeatable)"),
     out: Path | None = typer.Option(None, help="write the pruned model here"),
     overwrite: bool = typer.Option(False, help="replace an existing --out folder"),
@@ -84,7 +87,7 @@ def prune(
     options = _parse_options(opt)
     if sparsity is None and pattern == "unstructured":
         sparsity = 0.5
-    api.plan_prune(method, sparsity, pattern, scope, nsamples, calib, options)
+    api.plan_prune(method, sparsity, pattern, scope, nsamples, calib, options, propagate)
     tasks = _split(eval)
     for task in tasks:
         check_dataset(task)
@@ -104,6 +107,7 @@ def prune(
         device=device,
         batch_size=batch_size,
         options=options,
+        propagate=propagate,
     )
     if tasks:
         pruned = api.evaluate(lm, tasks, eval_seqlen, eval_limit)
