@@ -15,9 +15,10 @@ import prunekit
 from prunekit import settings
 from prunekit.data import load_text
 from prunekit.methods import PruneRequest, get_method
-from prunekit.methods.slicegpt import sliced_width
+from prunekit.methods.slicegpt import sliced_parameters, sliced_width, width_for_parameters
 from prunekit.models import LoadedModel, adapter_for
 from prunekit.models.sliced_modeling import ShortcutDecoderLayer
+from prunekit.surgery import decoder_parameters
 
 IDS = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(0))
 
@@ -81,9 +82,24 @@ def test_sliced_shapes(stories, calib_file):
         assert adapter.linear(block, "o").weight.shape == (width, 64)
         assert adapter.linear(block, "gate").weight.shape == (172, width)
         assert adapter.linear(block, "down").weight.shape == (width, 172)
-    assert record.details["block_parameters_after"] < record.details["block_parameters_before"]
+    details = record.details
+    assert details["decoder_parameters_after"] < details["decoder_parameters_before"]
+    assert details["decoder_parameters_after"] == decoder_parameters(adapter)
     # PCA keeps more than the uniform share of the activations' energy
     assert min(record.details["kept_energy"]) > width / 64
+
+
+def test_parameter_budget_picks_the_widest_slicing_that_fits(stories, calib_file):
+    before = decoder_parameters(stories.adapter)
+    width = width_for_parameters(stories.adapter, 0.2, 8)
+    record = _slice(stories, calib_file, 0.2, budget="parameters")
+    after = decoder_parameters(stories.adapter)
+    assert record.details["sliced_hidden_size"] == width
+    assert after <= 0.8 * before
+    assert record.details["decoder_share_removed"] == round(1 - after / before, 6)
+    fresh = prunekit.load_model("stories260k").adapter
+    assert sliced_parameters(fresh, width) == after
+    assert sliced_parameters(fresh, width + 8) > 0.8 * before  # the next width does not fit
 
 
 def test_sliced_width_rounds_down():

@@ -213,7 +213,7 @@ def remove_units(adapter: ModelAdapter, units: list[Unit], alive: torch.Tensor) 
             keep_heads(adapter, block, sorted(groups))
         if len(channels) < widths.intermediate:
             keep_channels(adapter, block, sorted(channels))
-        kept[str(index)] = {"kv_groups": sorted(groups), "channels": len(channels)}
+        kept[str(index)] = {"kv_groups": sorted(groups), "channels": sorted(channels)}
     update_config_widths(adapter)
     return kept
 

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from prunekit.engine import COLLECTORS, BlockContext, SequentialRunner
-from prunekit.errors import PrunekitError
+from prunekit.errors import PrunekitError, choice_error
 from prunekit.export import SLICED_MODELING_FILE
 from prunekit.methods.base import Method, MethodConfig, PruneRequest, register
 from prunekit.models import sliced_modeling
@@ -36,11 +36,21 @@ from prunekit.rotate import (
     rotate_inputs,
     rotate_outputs,
 )
+from prunekit.surgery import decoder_parameters
+
+BUDGETS = ("width", "parameters")
 
 
 @dataclass
 class SliceGPTConfig(MethodConfig):
     round_to: int = 8  # the sliced width is rounded down to a multiple of this
+    budget: str = "width"  # what sparsity measures: hidden width, or decoder parameters
+
+    def __post_init__(self) -> None:
+        if self.round_to < 1:
+            raise PrunekitError(f"round_to must be at least 1, got {self.round_to}")
+        if self.budget not in BUDGETS:
+            raise choice_error("budget", self.budget, BUDGETS)
 
 
 def sliced_width(hidden: int, ratio: float, round_to: int) -> int:
@@ -49,6 +59,36 @@ def sliced_width(hidden: int, ratio: float, round_to: int) -> int:
         return hidden
     width = int((1 - ratio) * hidden) // round_to * round_to
     return min(hidden, max(round_to, width))
+
+
+def sliced_parameters(adapter: ModelAdapter, width: int) -> int:
+    """Decoder-block parameters once sliced to `width`: rotated linears, [d, d] shortcuts
+    (two per block) and weightless norms."""
+    total = 0
+    for block in adapter.blocks:
+        for role in adapter.spec.linears:
+            linear = adapter.linear(block, role)
+            out_features, in_features = linear.weight.shape
+            bias = linear.bias is not None
+            if role in ATTENTION_INPUTS + MLP_INPUTS:
+                total += out_features * width + bias * out_features
+            else:  # o and down write the residual stream
+                total += width * in_features + bias * width
+        total += 2 * width * width
+    return total
+
+
+def width_for_parameters(adapter: ModelAdapter, share: float, round_to: int) -> int:
+    """The largest width (a multiple of `round_to`) whose sliced decoder has at most
+    (1 − share) of the current decoder parameters."""
+    hidden = adapter.hidden_size
+    if share == 0:
+        return hidden
+    limit = (1 - share) * decoder_parameters(adapter)
+    width = hidden // round_to * round_to
+    while width > round_to and sliced_parameters(adapter, width) > limit:
+        width -= round_to
+    return width
 
 
 def covariance(x: torch.Tensor) -> torch.Tensor:
@@ -69,11 +109,6 @@ def _shortcut(matrix: torch.Tensor, like: nn.Module) -> nn.Parameter:
     return nn.Parameter(matrix.to(weight.device, weight.dtype).contiguous(), requires_grad=False)
 
 
-def block_parameters(adapter: ModelAdapter) -> int:
-    """Parameters inside the decoder blocks (linears, shortcuts, norms)."""
-    return sum(p.numel() for block in adapter.blocks for p in block.parameters())
-
-
 @register
 class SliceGPT(Method):
     name = "slicegpt"
@@ -90,11 +125,12 @@ class SliceGPT(Method):
             raise PrunekitError(f"slicegpt has no sliced model class for {adapter.model_type}")
         if request.layer_sparsity is not None:
             raise PrunekitError("slicegpt gives every block one width; use --allocation uniform")
-        if self.config.round_to < 1:
-            raise PrunekitError(f"round_to must be at least 1, got {self.config.round_to}")
-        hidden = adapter.hidden_size
-        width = sliced_width(hidden, request.sparsity, self.config.round_to)
-        blocks_before = block_parameters(adapter)
+        hidden, round_to = adapter.hidden_size, self.config.round_to
+        if self.config.budget == "width":
+            width = sliced_width(hidden, request.sparsity, round_to)
+        else:
+            width = width_for_parameters(adapter, request.sparsity, round_to)
+        before = decoder_parameters(adapter)
 
         fold_norms(adapter)
         for index, block in enumerate(adapter.blocks):
@@ -123,8 +159,9 @@ class SliceGPT(Method):
             "hidden_size": hidden,
             "sliced_hidden_size": width,
             "slicing_ratio": 1 - width / hidden,
-            "block_parameters_before": blocks_before,
-            "block_parameters_after": block_parameters(adapter),
+            "decoder_parameters_before": before,
+            "decoder_parameters_after": decoder_parameters(adapter),
+            "decoder_share_removed": round(1 - decoder_parameters(adapter) / before, 6),
             "kept_energy": [round(e, 6) for e in energy],
         }
 
