@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM
 import prunekit
 from prunekit import settings
 from prunekit.data import load_text
+from prunekit.export import save_pruned
 from prunekit.methods import PruneRequest, get_method
 from prunekit.methods.slicegpt import sliced_parameters, sliced_width, width_for_parameters
 from prunekit.models import LoadedModel, adapter_for
@@ -159,3 +160,17 @@ def test_non_uniform_allocation_is_rejected(stories):
         get_method("slicegpt")().run(
             stories, None, PruneRequest(sparsity=0.2, layer_sparsity=[0.2] * 5)
         )
+
+
+@pytest.mark.parametrize("family", ["qwen2", "gemma", "phi3"])
+def test_sliced_tiny_families_reload_in_plain_transformers(family, tmp_path):
+    model = tiny_model(family)
+    lm = LoadedModel(model, tokenizer=None, adapter=adapter_for(model), source=family)
+    calib = torch.randint(0, 128, (6, 32), generator=torch.Generator().manual_seed(1))
+    get_method("slicegpt")().run(lm, calib, PruneRequest(sparsity=0.25))
+    before = _logits(model)
+    out = save_pruned(lm, tmp_path / family, {"method": "slicegpt"})
+    remote = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
+    assert type(remote).__name__ == f"Sliced{type(model).__name__}"
+    torch.testing.assert_close(_logits(remote.eval()), before)
+    torch.testing.assert_close(_logits(prunekit.load_pruned(out).model), before)

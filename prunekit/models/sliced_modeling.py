@@ -97,10 +97,10 @@ def make_sliced(model: nn.Module, sliced: int) -> None:
     base = model.model
     full = model.config.hidden_size
     eps = _norm_eps(base.norm)
-    embed = base.embed_tokens
-    base.embed_tokens = nn.Embedding(
-        embed.num_embeddings, sliced, embed.padding_idx, device=embed.weight.device
-    )
+    embed = base.embed_tokens  # resized in place: some families scale it (Gemma)
+    factory = {"device": embed.weight.device, "dtype": embed.weight.dtype}
+    embed.weight = nn.Parameter(torch.empty(embed.num_embeddings, sliced, **factory))
+    embed.embedding_dim = sliced
     for index, layer in enumerate(base.layers):
         for name, module in layer.named_modules():
             leaf = name.rpartition(".")[2]
