@@ -67,14 +67,21 @@ def prune_options(method: str, args: argparse.Namespace) -> tuple[dict, int, int
 
 def markdown(payload: dict) -> str:
     a = payload["args"]
+    methods = a["methods"].split(",")
+    calibration = []
+    if "slicegpt" in methods:
+        calibration.append(f"SliceGPT {a['nsamples']} x {a['seqlen']} tokens")
+    if "bonsai" in methods:
+        calibration.append(
+            f"Bonsai {a['bonsai_nsamples']} x {a['bonsai_seqlen']} tokens, "
+            f"{a['bonsai_samples']} sub-models x {a['bonsai_iterations']} rounds, "
+            f"{a['bonsai_channel_group']} channels per unit"
+        )
     lines = [
         f"Model {a['model']}; WikiText-2 test perplexity on the first "
         f"{a['eval_limit'] or 'all'} windows of {a['eval_seqlen']} tokens; calibration from "
-        f"WikiText-2 valid (SliceGPT {a['nsamples']} x {a['seqlen']} tokens, Bonsai "
-        f"{a['bonsai_nsamples']} x {a['bonsai_seqlen']} tokens, {a['bonsai_samples']} sub-models "
-        f"x {a['bonsai_iterations']} rounds, {a['bonsai_channel_group']} channels per unit); "
-        f"prefill: batch 1, {a['prompt']} tokens, {a['repeats']} interleaved repeats, medians, "
-        f"{a['threads']} threads.",
+        f"WikiText-2 valid ({'; '.join(calibration)}); prefill: batch 1, {a['prompt']} tokens, "
+        f"{a['repeats']} interleaved repeats, medians, {a['threads']} threads.",
         "",
         "| method | target | decoder removed | params (total) | wikitext2 ppl | "
         "prefill tok/s (x dense) | prune s | notes |",
