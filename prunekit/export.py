@@ -59,9 +59,11 @@ def fits_standard_class(model: torch.nn.Module) -> bool:
         if hasattr(config, key):
             delattr(config, key)
     try:
+        if hasattr(config, "validate"):
+            config.validate()
         with torch.device("meta"):
             reference = standard_class(model)(config)
-    except ValueError:  # e.g. a hidden size the new head count does not divide
+    except Exception:  # e.g. the config rejects a hidden size the head count does not divide
         return False
     return _shapes(reference) == _shapes(model)
 

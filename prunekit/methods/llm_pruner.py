@@ -43,6 +43,13 @@ class LLMPrunerConfig(StructuredConfig):
     protect_first: int = 4
     protect_last: int = 2
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.importance not in IMPORTANCE:
+            raise choice_error("importance", self.importance, IMPORTANCE)
+        if self.aggregation not in AGGREGATIONS:
+            raise choice_error("aggregation", self.aggregation, AGGREGATIONS)
+
 
 def _grad_matrix(module: nn.Module) -> torch.Tensor:
     """The loss gradient of a linear's weight as [out, in] (transposed for Conv1D)."""
@@ -77,10 +84,6 @@ class LLMPruner(StructuredMethod):
         self, lm: LoadedModel, calib: torch.Tensor | None, request: PruneRequest, dense: bool
     ) -> Iterator[tuple[int, nn.Module, BlockScores]]:
         config = self.config
-        if config.importance not in IMPORTANCE:
-            raise choice_error("importance", config.importance, IMPORTANCE)
-        if config.aggregation not in AGGREGATIONS:
-            raise choice_error("aggregation", config.aggregation, AGGREGATIONS)
         if calib is None:
             raise PrunekitError("method 'llm_pruner' needs calibration data")
         adapter = lm.adapter

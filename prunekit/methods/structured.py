@@ -62,6 +62,12 @@ class StructuredConfig(MethodConfig):
     protect_first: int = 0  # first blocks left unpruned
     protect_last: int = 0  # last blocks left unpruned
 
+    def __post_init__(self) -> None:
+        if self.selection not in SELECTIONS:
+            raise choice_error("selection", self.selection, SELECTIONS)
+        if self.protect_first < 0 or self.protect_last < 0:
+            raise PrunekitError("protect_first and protect_last must be >= 0")
+
 
 @dataclass
 class BlockScores:
@@ -154,8 +160,6 @@ class StructuredMethod(Method):
     # -- driver ----------------------------------------------------------------------
     def run(self, lm: LoadedModel, calib: torch.Tensor | None, request: PruneRequest) -> dict:
         config = self.config
-        if config.selection not in SELECTIONS:
-            raise choice_error("selection", config.selection, SELECTIONS)
         adapter = lm.adapter
         before = decoder_parameters(adapter)
         targets = self._targets(adapter, request)
