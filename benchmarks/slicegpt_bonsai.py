@@ -31,7 +31,9 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 @torch.no_grad()
 def prefill_seconds(model: torch.nn.Module, ids: torch.Tensor) -> float:
-    """Wall time of one forward over `ids` [1, L] without a KV cache."""
+    """Wall time of one forward over `ids` [1, L] without a KV cache, with logits at every
+    position (scoring-style; `prunekit.eval.speed` times a generation prefill, which
+    computes the last position's logits only and fills a cache)."""
     start = time.perf_counter()
     model(input_ids=ids, use_cache=False)
     return time.perf_counter() - start

@@ -174,3 +174,15 @@ def test_sliced_tiny_families_reload_in_plain_transformers(family, tmp_path):
     assert type(remote).__name__ == f"Sliced{type(model).__name__}"
     torch.testing.assert_close(_logits(remote.eval()), before)
     torch.testing.assert_close(_logits(prunekit.load_pruned(out).model), before)
+
+
+def test_sliced_model_generates_with_a_kv_cache(stories):
+    calib = torch.randint(0, 512, (4, 64), generator=torch.Generator().manual_seed(1))
+    get_method("slicegpt")().run(stories, calib, PruneRequest(sparsity=0.25))
+    prompt = torch.tensor([[1, 400, 300, 200]])
+    cached = stories.model.generate(prompt, max_new_tokens=8, do_sample=False)
+    uncached = prompt
+    for _ in range(8):
+        logits = _logits(stories.model, uncached)
+        uncached = torch.cat([uncached, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(cached, uncached)
