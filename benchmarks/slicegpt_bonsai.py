@@ -55,23 +55,28 @@ def prefill_speed(dense: torch.nn.Module, pruned: torch.nn.Module, ids, repeats:
     }
 
 
-def prune_options(method: str, args: argparse.Namespace) -> tuple[dict, int, int]:
-    """Options, calibration windows and window length of one method."""
-    if method == "slicegpt":
-        return {"budget": "parameters"}, args.nsamples, args.seqlen
+def prune_options(run: str, args: argparse.Namespace) -> tuple[str, dict, int, int]:
+    """Method, options, calibration windows and window length of one benchmark run.
+
+    `slicegpt` removes a share of decoder parameters; `slicegpt_width` slices a share of
+    the hidden width (the paper's slicing ratio).
+    """
+    if run in ("slicegpt", "slicegpt_width"):
+        budget = "parameters" if run == "slicegpt" else "width"
+        return "slicegpt", {"budget": budget}, args.nsamples, args.seqlen
     options = {
         "samples": args.bonsai_samples,
         "iterations": args.bonsai_iterations,
         "channel_group": args.bonsai_channel_group,
     }
-    return options, args.bonsai_nsamples, args.bonsai_seqlen
+    return run, options, args.bonsai_nsamples, args.bonsai_seqlen
 
 
 def markdown(payload: dict) -> str:
     a = payload["args"]
     methods = a["methods"].split(",")
     calibration = []
-    if "slicegpt" in methods:
+    if {"slicegpt", "slicegpt_width"} & set(methods):
         calibration.append(f"SliceGPT {a['nsamples']} x {a['seqlen']} tokens")
     if "bonsai" in methods:
         calibration.append(
@@ -96,7 +101,7 @@ def markdown(payload: dict) -> str:
     for r in payload["runs"]:
         s = r["speed"]
         note = ""
-        if r["method"] == "slicegpt":
+        if r["method"].startswith("slicegpt"):
             width, hidden = r["details"]["sliced_hidden_size"], r["details"]["hidden_size"]
             note = f"width {width} of {hidden}; head untied"
         lines.append(
@@ -143,9 +148,9 @@ def main() -> None:
     text = load_text("wikitext2", purpose="eval").text
     prompt = evaluation_windows(dense.tokenizer, text, args.prompt, limit=1)
     for sparsity in (float(s) for s in args.sparsities.split(",")):
-        for method in args.methods.split(","):
-            print(f"== {method} at {sparsity}", flush=True)
-            options, nsamples, seqlen = prune_options(method, args)
+        for name in args.methods.split(","):
+            print(f"== {name} at {sparsity}", flush=True)
+            method, options, nsamples, seqlen = prune_options(name, args)
             lm = prunekit.load_model(args.model)
             start = time.perf_counter()
             record = prunekit.prune(
@@ -159,7 +164,7 @@ def main() -> None:
                 details["kv_groups_per_block"] = [len(k["kv_groups"]) for k in kept]
                 details["channels_per_block"] = [len(k["channels"]) for k in kept]
             run = {
-                "method": method,
+                "method": name,
                 "sparsity": sparsity,
                 "config": record.config,
                 "calibration": {"nsamples": nsamples, "seqlen": seqlen},
