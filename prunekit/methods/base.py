@@ -12,52 +12,23 @@ A method is one file in `prunekit/methods/` with a class decorated by `@register
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, get_type_hints
+from typing import ClassVar
 
 import torch
 from torch import nn
 
 from prunekit.engine.runner import BlockContext, LayerStats, SequentialRunner
-from prunekit.errors import PrunekitError, choice_error
+from prunekit.errors import choice_error
 from prunekit.masks import Pattern, Target, make_mask
 from prunekit.models.adapter import weight_matrix
 from prunekit.models.loading import LoadedModel
+from prunekit.options import Options
 
 
 @dataclass
-class MethodConfig:
+class MethodConfig(Options):
     """Options of a method beyond the common ones; subclasses add typed fields."""
-
-    @classmethod
-    def from_options(cls, options: dict[str, Any]) -> MethodConfig:
-        """Build from `{name: value}` (values may be strings from the CLI), checking names."""
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        hints = get_type_hints(cls)
-        values = {}
-        for key, raw in options.items():
-            if key not in fields:
-                valid = ", ".join(fields) or "(none)"
-                raise PrunekitError(f"unknown option {key!r}; valid: {valid}")
-            values[key] = _coerce(key, raw, hints[key])
-        return cls(**values)
-
-
-def _coerce(key: str, raw: Any, hint: Any) -> Any:
-    if not isinstance(raw, str):
-        return raw
-    kind = hint if isinstance(hint, type) else None
-    try:
-        if kind is bool:
-            if raw.lower() not in ("1", "0", "true", "false", "yes", "no"):
-                raise ValueError(raw)
-            return raw.lower() in ("1", "true", "yes")
-        if kind in (int, float):
-            return kind(raw)
-    except ValueError:
-        raise PrunekitError(f"option {key!r} needs a {kind.__name__}, got {raw!r}") from None
-    return raw
 
 
 @dataclass
@@ -110,7 +81,7 @@ class LayerwiseMethod(Method):
     needs: ClassVar[tuple[str, ...]] = ()
 
     def run(self, lm: LoadedModel, calib: torch.Tensor | None, request: PruneRequest) -> dict:
-        if calib is None:  # data-free: walk the blocks without activations
+        if calib is None or not self.needs_calibration:  # data-free: no activations needed
             for index, block in enumerate(lm.adapter.blocks):
                 for path, module in lm.adapter.linears(block).items():
                     self.prune_linear(module, {}, request.target(index), path)
