@@ -67,7 +67,7 @@ def markdown(payload: dict) -> str:
         "|---|---|---|" + "---|" * len(datasets) + "---|---|---|",
     ]
     d = payload["dense"]
-    ppl = " | ".join(f"{d[name]:.2f}" for name in datasets)
+    ppl = " | ".join(f"{d[name]:.2f}" if name in d else "-" for name in datasets)
     lines.append(f"| dense | 0 | {d['parameters'] / 1e6:.3f}M | {ppl} | - | - | - |")
     for r in payload["runs"]:
         s = r["speed"]
