@@ -286,7 +286,9 @@ def parse_config(raw: Any, version: str | None = None) -> SweepConfig:
                                 pattern=pattern,
                                 scope=scope,
                                 allocation=allocation,
-                                calibration=calibration,
+                                calibration=calibration
+                                if get_method(name).needs_calibration or allocation != "uniform"
+                                else None,
                                 evaluation=evaluation,
                                 seed=seed,
                                 version=version,
