@@ -56,15 +56,18 @@ def run_cell(cell: Cell, execution: Execution) -> dict[str, Any]:
     prune_facts: dict[str, Any] | None = None
     calibration = None
     if not cell.is_dense:
-        calib = cell.calibration or {}
+        calib = cell.calibration  # None for data-free methods
+        calib_args = (
+            {"calib": calib["dataset"], "nsamples": calib["nsamples"], "seqlen": calib["seqlen"]}
+            if calib
+            else {}
+        )
         record = prunekit.prune(
             lm,
             method=cell.method,
             sparsity=cell.sparsity,
             pattern=cell.pattern or "unstructured",
-            calib=calib["dataset"],
-            nsamples=calib["nsamples"],
-            seqlen=calib["seqlen"],
+            **calib_args,
             seed=cell.seed or 0,
             scope=cell.scope or "row",
             allocation=cell.allocation or "uniform",
@@ -108,3 +111,19 @@ def run_cell(cell: Cell, execution: Execution) -> dict[str, Any]:
         "versions": versions(),
         "data_hashes": data_hashes(calibration, metrics),
     }
+
+
+def run_outcome(cell: Cell, execution: Execution) -> dict[str, Any]:
+    """`run_cell` as an executor outcome: `{"result"}` or `{"error"}`, plus `wall_time_s`."""
+    start = time.perf_counter()
+    try:
+        outcome: dict[str, Any] = {"result": run_cell(cell, execution)}
+    except Exception as err:  # noqa: BLE001 - any failure is recorded against the cell
+        outcome = {"error": error_line(err)}
+    outcome["wall_time_s"] = time.perf_counter() - start
+    return outcome
+
+
+def run_outcome_from_dicts(cell: dict[str, Any], execution: dict[str, Any]) -> dict[str, Any]:
+    """`run_outcome` for callers that ship plain dicts (worker processes, Ray tasks)."""
+    return run_outcome(Cell(**cell), Execution(**execution))

@@ -3,7 +3,7 @@
 - `local` (default): one after another, each in a fresh Python process;
 - `inline`: one after another in this process (no start-up cost: for tiny models; the
   per-cell peak memory needs Linux's peak reset);
-- `ray`: each cell a Ray task running a fresh worker process.
+- `ray`: each cell a Ray task in a fresh Ray worker process.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import prunekit
-from prunekit.bench.cell import error_line, run_cell
+from prunekit.bench.cell import run_outcome, run_outcome_from_dicts
 from prunekit.bench.config import Cell, Execution
 from prunekit.bench.memory import reset_peak_rss
 from prunekit.errors import choice_error
@@ -91,17 +91,13 @@ class InlineExecutor:
         for cell in cells:
             if on_start:
                 on_start(cell)
-            start = time.perf_counter()
-            try:
-                outcome: Outcome = {"result": run_cell(cell, execution)}
-            except Exception as err:  # noqa: BLE001 - recorded against the cell
-                outcome = {"error": error_line(err)}
-            outcome["wall_time_s"] = time.perf_counter() - start
+            outcome = run_outcome(cell, execution)
             yield cell, outcome
 
 
 class RayExecutor:
-    """Each cell a Ray task (one worker process per cell); results as they complete.
+    """Each cell a Ray task in a fresh Ray worker process (`max_calls=1`); results are
+    stored as they complete.
 
     `address=None` starts a local Ray instance; otherwise connects to that cluster.
     """
@@ -132,7 +128,7 @@ class RayExecutor:
                 kwargs |= {"num_cpus": self.num_cpus, "include_dashboard": False}
             ray.init(address=self.address, log_to_driver=True, **kwargs)
         try:
-            task = ray.remote(num_cpus=execution.threads)(run_in_subprocess)
+            task = ray.remote(num_cpus=execution.threads, max_calls=1)(run_outcome_from_dicts)
             execution_dict = dataclasses.asdict(execution)
             pending = {task.remote(c.as_dict(), execution_dict): c for c in cells}
             if on_start:

@@ -33,7 +33,6 @@ def _pyplot():
     return plt
 
 
-
 def _png(fig) -> bytes:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")

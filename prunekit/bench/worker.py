@@ -10,17 +10,12 @@ import json
 import sys
 from pathlib import Path
 
-from prunekit.bench.cell import error_line, run_cell
-from prunekit.bench.config import Cell, Execution
+from prunekit.bench.cell import run_outcome_from_dicts
 
 
 def main(job_path: str, out_path: str) -> int:
     job = json.loads(Path(job_path).read_text())
-    cell, execution = Cell(**job["cell"]), Execution(**job["execution"])
-    try:
-        outcome = {"result": run_cell(cell, execution)}
-    except Exception as err:  # noqa: BLE001 - any failure is recorded against the cell
-        outcome = {"error": error_line(err)}
+    outcome = run_outcome_from_dicts(job["cell"], job["execution"])
     Path(out_path).write_text(json.dumps(outcome))
     return 0 if "result" in outcome else 1
 
