@@ -11,9 +11,11 @@ from typing import Any
 import torch
 
 from prunekit.allocation import allocate
-from prunekit.data import calibration_windows, load_text
+from prunekit.data import DATASETS, calibration_windows, load_text
 from prunekit.errors import PrunekitError, choice_error
 from prunekit.eval.perplexity import perplexity
+from prunekit.eval.tasks import TASKS, canonical_task
+from prunekit.eval.zeroshot import evaluate_tasks
 from prunekit.export import save_pruned
 from prunekit.masks import SCOPES, Pattern, check_sparsity
 from prunekit.methods import PruneRequest, get_method
@@ -27,7 +29,7 @@ from prunekit.record import (
     peak_rss_mb,
 )
 
-__all__ = ["evaluate", "load_model", "prune", "save"]
+__all__ = ["evaluate", "is_zeroshot_task", "load_model", "prune", "save"]
 
 
 def _check_seqlen(lm: LoadedModel, seqlen: int) -> None:
@@ -135,22 +137,42 @@ def prune(
     )
 
 
+def is_zeroshot_task(name: str) -> bool:
+    """Whether `name` is a zero-shot task (else a perplexity dataset or text file)."""
+    return canonical_task(name) is not None
+
+
 def evaluate(
     lm: LoadedModel,
     tasks: list[str] | tuple[str, ...] = ("wikitext2",),
     seqlen: int = 1024,
     limit: int | None = None,
-    batch_size: int = 1,
+    batch_size: int | None = None,
+    backend: str = "prunekit",
 ) -> dict[str, dict[str, Any]]:
-    """Perplexity on each dataset in `tasks`: `{name: PerplexityResult as dict}`.
+    """Evaluate `lm` on each name in `tasks`: `{name: result dict}`, in the given order.
 
-    `limit` evaluates only the first `limit` windows of each (quick runs).
+    Perplexity datasets (wikitext2, ptb, ... or a .txt path) give a `PerplexityResult`
+    as dict; zero-shot tasks (piqa, arc_easy, ..., `prunekit.eval.tasks.TASKS`) give
+    `{"acc", "acc_norm", "n", ...}` (LAMBADA: `acc`, `perplexity`). `limit` keeps the
+    first `limit` windows of a perplexity dataset and the first `limit` items of a task.
+    `batch_size`: windows (default 1) or packed items (default 16) per forward pass.
+    `backend` scores zero-shot tasks with prunekit or lm-eval's HFLM ("lm-eval").
     """
-    _check_seqlen(lm, seqlen)
+    zeroshot = [t for t in tasks if is_zeroshot_task(t)]
+    for task in tasks:
+        if task not in zeroshot and task not in DATASETS and not Path(task).expanduser().is_file():
+            raise choice_error("task", task, [*DATASETS, *TASKS, "<path to a .txt file>"])
+    if len(zeroshot) < len(tasks):
+        _check_seqlen(lm, seqlen)
+    scored = evaluate_tasks(lm.model, lm.tokenizer, zeroshot, limit, batch_size or 16, backend)
     results = {}
     for task in tasks:
-        result = perplexity(lm.model, lm.tokenizer, task, seqlen, limit, batch_size)
-        results[task] = result.as_dict()
+        if task in scored:
+            results[task] = scored[task]
+        else:
+            result = perplexity(lm.model, lm.tokenizer, task, seqlen, limit, batch_size or 1)
+            results[task] = result.as_dict()
     return results
 
 

@@ -12,6 +12,7 @@ import typer
 
 from prunekit import api
 from prunekit.errors import PrunekitError
+from prunekit.eval.llmkick import format_llmkick, llmkick_view
 from prunekit.export import check_output_dir
 from prunekit.methods import REGISTRY
 
@@ -43,16 +44,50 @@ def _write_json(path: Path | None, payload: dict[str, Any]) -> None:
 
 
 def _print_ppl_table(dense: dict[str, dict], pruned: dict[str, dict] | None) -> None:
+    rows = {name: r for name, r in dense.items() if not api.is_zeroshot_task(name)}
+    if not rows:
+        return
     header = f"{'dataset':<16}{'dense ppl':>12}" + (
         f"{'pruned ppl':>13}{'ratio':>8}" if pruned else ""
     )
     typer.echo(header)
-    for name, result in dense.items():
+    for name, result in rows.items():
         line = f"{name:<16}{result['perplexity']:>12.3f}"
         if pruned:
             p = pruned[name]["perplexity"]
             line += f"{p:>13.3f}{p / result['perplexity']:>8.2f}"
         typer.echo(line)
+
+
+def _print_task_table(dense: dict[str, dict], pruned: dict[str, dict] | None) -> None:
+    """Zero-shot rows: acc and acc_norm (LAMBADA: acc and perplexity), dense beside pruned."""
+    rows = {name: r for name, r in dense.items() if api.is_zeroshot_task(name)}
+    if not rows:
+        return
+
+    def cells(result: dict) -> str:
+        second = result.get("acc_norm", result.get("perplexity", float("nan")))
+        return f"{result['acc']:>8.4f}{second:>10.4g}"
+
+    header = f"{'task':<16}{'n':>6}{'acc':>8}{'norm/ppl':>10}"
+    if pruned:
+        header += f"{'pr. acc':>9}{'norm/ppl':>10}{'retained':>10}"
+    typer.echo(header)
+    for name, result in rows.items():
+        line = f"{name:<16}{result['n']:>6}{cells(result)}"
+        if pruned:
+            after = pruned[name]
+            retained = after["acc"] / result["acc"] if result["acc"] else float("nan")
+            line += f" {cells(after)}{retained:>10.3f}"
+        typer.echo(line)
+
+
+def _print_results(dense: dict[str, dict], pruned: dict[str, dict] | None = None) -> None:
+    _print_ppl_table(dense, pruned)
+    _print_task_table(dense, pruned)
+    if pruned and any(api.is_zeroshot_task(name) for name in dense):
+        typer.echo("\nLLM-Kick view (retained = pruned / dense)")
+        typer.echo(format_llmkick(llmkick_view(dense, pruned)))
 
 
 @app.command()
@@ -72,9 +107,13 @@ def prune(
     opt: list[str] = typer.Option([], "--opt", help="method option key=value (repeatable)"),
     out: Path | None = typer.Option(None, help="write the pruned model here"),
     overwrite: bool = typer.Option(False, help="replace an existing --out folder"),
-    eval: str = typer.Option("", "--eval", help="datasets to evaluate, e.g. wikitext2,ptb"),
+    eval: str = typer.Option(
+        "", "--eval", help="datasets and zero-shot tasks to evaluate, e.g. wikitext2,piqa"
+    ),
     eval_seqlen: int = typer.Option(1024, help="evaluation window length"),
-    eval_limit: int | None = typer.Option(None, help="evaluate only the first N windows"),
+    eval_limit: int | None = typer.Option(
+        None, help="evaluate only the first N windows / task items"
+    ),
     json_path: Path | None = typer.Option(None, "--json", help="write the run's record here"),
 ) -> None:
     """Prune MODEL and optionally evaluate and save it."""
@@ -110,7 +149,7 @@ def prune(
         f"peak RSS {record.peak_rss_mb:.0f} MiB"
     )
     if tasks:
-        _print_ppl_table(dense, record.evaluation["pruned"])
+        _print_results(dense, record.evaluation["pruned"])
     if out is not None:
         api.save(lm, out, record, overwrite)
         typer.echo(f"saved to {out}")
@@ -120,15 +159,21 @@ def prune(
 @app.command("eval")
 def evaluate(
     model: str = typer.Argument(..., help="HF folder, hub id, .gguf file, alias, or pruned dir"),
-    tasks: str = typer.Option("wikitext2", help="comma-separated datasets"),
+    tasks: str = typer.Option(
+        "wikitext2", help="comma-separated perplexity datasets and zero-shot tasks"
+    ),
     seqlen: int = typer.Option(1024, help="evaluation window length"),
-    limit: int | None = typer.Option(None, help="evaluate only the first N windows"),
+    limit: int | None = typer.Option(None, help="evaluate only the first N windows / task items"),
+    batch_size: int | None = typer.Option(
+        None, help="windows (default 1) or task items (default 16) per forward pass"
+    ),
+    backend: str = typer.Option("prunekit", help="zero-shot scorer: prunekit or lm-eval"),
     json_path: Path | None = typer.Option(None, "--json", help="write results here"),
 ) -> None:
-    """Perplexity of MODEL on each dataset."""
+    """Perplexity and zero-shot accuracy of MODEL on each dataset and task."""
     lm = api.load_model(model)
-    results = api.evaluate(lm, _split(tasks), seqlen, limit)
-    _print_ppl_table(results, None)
+    results = api.evaluate(lm, _split(tasks), seqlen, limit, batch_size, backend)
+    _print_results(results)
     _write_json(json_path, {"model": model, "results": results})
 
 
