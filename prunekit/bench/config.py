@@ -39,7 +39,12 @@ TOP_KEYS = {
 }
 CALIBRATION_KEYS = {"dataset": str, "nsamples": int, "seqlen": int}
 EVALUATION_KEYS = {"tasks": list, "seqlen": int, "limit": (int, dict, type(None))}
-EXECUTION_KEYS = {"device": str, "batch_size": int, "eval_batch_size": int, "threads": int}
+EXECUTION_KEYS = {
+    "device": str,
+    "batch_size": int,
+    "eval_batch_size": (int, type(None)),
+    "threads": int,
+}
 
 
 @dataclass
@@ -98,8 +103,8 @@ class Execution:
     """How cells run; never part of a cell's key."""
 
     device: str = "cpu"
-    batch_size: int = 8
-    eval_batch_size: int = 8
+    batch_size: int = 8  # calibration windows per forward pass
+    eval_batch_size: int | None = None  # None: prunekit.evaluate's defaults
     threads: int = 2
 
 
@@ -203,11 +208,20 @@ def _calibration(raw: dict) -> dict:
     return calib
 
 
-def known_tasks() -> list[str]:
-    """Evaluation task names: perplexity datasets and zero-shot tasks."""
+def _is_task(name: str) -> bool:
+    """A perplexity dataset, a zero-shot task (or alias), or a text file."""
+    from prunekit.api import is_zeroshot_task
     from prunekit.data import DATASETS
 
-    return list(DATASETS)
+    return name in DATASETS or is_zeroshot_task(name) or Path(name).is_file()
+
+
+def known_tasks() -> list[str]:
+    """Evaluation names for error messages: perplexity datasets and zero-shot tasks."""
+    from prunekit.data import DATASETS
+    from prunekit.eval.tasks import TASKS
+
+    return [*DATASETS, *TASKS]
 
 
 def _evaluation(raw: dict) -> dict:
@@ -216,12 +230,10 @@ def _evaluation(raw: dict) -> dict:
     for key, kind in EVALUATION_KEYS.items():
         _typed(f"evaluation.{key}", evaluation[key], kind)
     tasks = evaluation["tasks"]
-    valid = known_tasks()
     for i, task in enumerate(tasks):
-        if not isinstance(task, str) or (task not in valid and not Path(task).is_file()):
-            raise _fail(
-                f"evaluation.tasks[{i}]", f"unknown task {task!r}; valid: {', '.join(valid)}"
-            )
+        if not isinstance(task, str) or not _is_task(task):
+            names = ", ".join(known_tasks())
+            raise _fail(f"evaluation.tasks[{i}]", f"unknown task {task!r}; valid: {names}")
     if not tasks:
         raise _fail("evaluation.tasks", "must name at least one task")
     limit = evaluation["limit"]

@@ -96,7 +96,7 @@ def retained_figure(group: Group, task_groups: dict[str, list[str]]) -> Figure:
     for ax, name in zip(axes[0], names, strict=True):
         tasks = task_groups[name]
         for i, (series, rows) in enumerate(group.series().items()):
-            xs, retained = group.retained_curve(rows, tasks)
+            xs, retained = group.retained_curve(rows, name)
             percent = [100 * v for v in retained]
             (line,) = ax.plot(xs, percent, marker=MARKERS[i % len(MARKERS)], label=series)
             _mark_knee(ax, xs, [1 - v for v in retained], percent, line.get_color())

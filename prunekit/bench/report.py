@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import html
+import json
 import math
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -48,15 +49,6 @@ class Table:
         )
 
 
-def task_groups(tasks: list[str]) -> dict[str, list[str]]:
-    """The LLM-Kick task groups among `tasks` (empty groups dropped)."""
-    if not tasks:
-        return {}
-    from prunekit.eval.llmkick import group_tasks
-
-    return group_tasks(tasks)
-
-
 def _fmt(value: float | None, spec: str) -> str:
     return (
         "–"
@@ -95,8 +87,8 @@ def cell_table(group: Group, groups: dict[str, list[str]]) -> Table:
         for task in acc_tasks:
             result = row.metrics.get(task)
             cells.append(_pct(accuracy(result)) if result else "–")
-        for tasks in groups.values():
-            cells.append(_pct(1.0 if cell.is_dense else group.retained(row, tasks)))
+        for name in groups:
+            cells.append(_pct(1.0 if cell.is_dense else group.retained(row, name)))
         cells += [
             _fmt(row.timing.get("prune_s"), ".1f"),
             _fmt(row.wall_time_s, ".1f"),
@@ -119,8 +111,8 @@ def knee_table(group: Group, groups: dict[str, list[str]]) -> Table:
             curves.append(
                 (f"{task} log ppl ratio", xs, ys, tolerance, f"ppl ≤ dense × {1 + PPL_TOLERANCE:g}")
             )
-        for label, tasks in groups.items():
-            xs, retained = group.retained_curve(rows, tasks)
+        for label in groups:
+            xs, retained = group.retained_curve(rows, label)
             degradation = [1 - v for v in retained]
             curves.append(
                 (
@@ -178,17 +170,29 @@ def provenance_table(rows: list[Row]) -> Table:
     return table
 
 
+def _calibration_line(calib: dict) -> str:
+    return (
+        f"- calibration: {calib['nsamples']} windows of {calib['seqlen']} tokens "
+        f"from {calib['dataset']}"
+    )
+
+
 def _protocol(group: Group) -> list[str]:
     evaluation = group.evaluation
-    limits = ", ".join(f"{t}: {'all' if n is None else n}" for t, n in evaluation["limit"].items())
+    limits = ", ".join(
+        f"{t}: {'all' if evaluation['limit'][t] is None else evaluation['limit'][t]}"
+        for t in evaluation["tasks"]
+    )
     lines = [
-        f"- evaluation: tasks {', '.join(evaluation['tasks'])}; perplexity window "
-        f"{evaluation['seqlen']} tokens; limits (windows for perplexity, items for tasks): "
-        f"{limits}"
+        f"- evaluation: {', '.join(evaluation['tasks'])}; perplexity windows of "
+        f"{evaluation['seqlen']} tokens; limits (first N windows of a perplexity dataset, "
+        f"first N items of a task): {limits}"
     ]
-    calibrations = {str(r.cell.calibration) for r in group.pruned}
-    for calib in sorted(calibrations):
-        lines.append(f"- calibration: {calib}")
+    calibrations = {json.dumps(r.cell.calibration, sort_keys=True) for r in group.pruned}
+    lines += [_calibration_line(json.loads(c)) for c in sorted(calibrations) if c != "null"]
+    data_free = sorted({series_of(r) for r in group.pruned if r.cell.calibration is None})
+    if data_free:
+        lines.append(f"- no calibration data (data-free): {', '.join(data_free)}")
     seeds = sorted({r.cell.seed for r in group.pruned if r.cell.seed is not None})
     if seeds:
         lines.append(f"- seed: {', '.join(map(str, seeds))}")
@@ -212,7 +216,7 @@ class Section:
 def build_sections(groups: list[Group]) -> list[Section]:
     sections = []
     for index, group in enumerate(groups):
-        kick = task_groups(group.accuracy_tasks)
+        kick = group.task_groups()
         figures = []
         if group.dense is not None and group.pruned:
             figures += [perplexity_figure(group, t) for t in group.perplexity_tasks]

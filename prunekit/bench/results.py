@@ -9,16 +9,18 @@ from dataclasses import dataclass, field
 
 from prunekit.bench.config import series_name
 from prunekit.bench.store import Row
+from prunekit.eval.llmkick import llmkick_view
+
+ACCURACY = "acc"  # the metric shown and used for retained accuracy (share of items right)
 
 
 def is_accuracy(result: dict) -> bool:
     """A zero-shot result carries `acc`; a perplexity dataset only `perplexity`."""
-    return "acc" in result
+    return ACCURACY in result
 
 
 def accuracy(result: dict) -> float:
-    """The accuracy the report shows for a task: `acc` (share of items right)."""
-    return float(result["acc"])
+    return float(result[ACCURACY])
 
 
 def series_of(row: Row) -> str:
@@ -67,17 +69,22 @@ class Group:
             return None
         return row.metrics[task]["perplexity"] / self.dense.metrics[task]["perplexity"]
 
-    def retained(self, row: Row, tasks: list[str]) -> float | None:
-        """Mean over `tasks` of pruned accuracy / dense accuracy (None if any is missing)."""
+    def kick(self, row: Row) -> dict:
+        """The LLM-Kick view of `row` against the dense baseline ({} without one)."""
         if self.dense is None:
-            return None
-        ratios = []
-        for task in tasks:
-            dense, pruned = self.dense.metrics.get(task), row.metrics.get(task)
-            if not dense or not pruned or accuracy(dense) == 0:
-                return None
-            ratios.append(accuracy(pruned) / accuracy(dense))
-        return sum(ratios) / len(ratios) if ratios else None
+            return {}
+        return llmkick_view(self.dense.metrics, row.metrics, metric=ACCURACY)
+
+    def task_groups(self) -> dict[str, list[str]]:
+        """LLM-Kick groups with the tasks of this protocol in them."""
+        if self.dense is None:
+            return {}
+        return {g: v["tasks"] for g, v in self.kick(self.dense)["groups"].items()}
+
+    def retained(self, row: Row, group: str) -> float | None:
+        """Mean over the group's tasks of pruned accuracy / dense accuracy."""
+        found = self.kick(row).get("groups", {}).get(group)
+        return None if found is None or math.isnan(found["retained"]) else found["retained"]
 
     def ppl_curve(self, rows: list[Row], task: str) -> tuple[list[float], list[float]]:
         """(sparsities, log(ppl / dense ppl)) with the dense point (0, 0) first."""
@@ -89,11 +96,11 @@ class Group:
                 ys.append(math.log(ratio))
         return xs, ys
 
-    def retained_curve(self, rows: list[Row], tasks: list[str]) -> tuple[list[float], list[float]]:
-        """(sparsities, retained accuracy) with the dense point (0, 1) first."""
+    def retained_curve(self, rows: list[Row], group: str) -> tuple[list[float], list[float]]:
+        """(sparsities, retained accuracy of `group`) with the dense point (0, 1) first."""
         xs, ys = [0.0], [1.0]
         for row in rows:
-            value = self.retained(row, tasks)
+            value = self.retained(row, group)
             if value is not None:
                 xs.append(row.cell.sparsity)
                 ys.append(value)
