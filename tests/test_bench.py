@@ -101,6 +101,7 @@ BAD = [
     ({"methods": [{"name": "wanda", "options": {"bogus": 1}}]}, "unknown option 'bogus'"),
     ({"methods": [{"name": "sparsegpt", "options": {"blocksize": "x"}}]}, "blocksize"),
     ({"sparsities": [1.5]}, "sparsities[0]"),
+    ({"sparsities": 0.5}, "sparsities: must be a list"),
     ({"sparsities": ["half"]}, "sparsities[0]: needs a number"),
     ({"patterns": ["5:4"]}, "patterns[0]"),
     ({"allocations": ["nosuch"]}, "allocations[0]: unknown 'nosuch'"),

@@ -12,6 +12,7 @@ import hashlib
 import json
 import math
 from dataclasses import asdict, dataclass, field
+from itertools import product
 from pathlib import Path
 from typing import Any
 
@@ -171,8 +172,11 @@ def _methods(raw: dict) -> list[tuple[str, dict]]:
 
 
 def _sparsities(raw: dict) -> list[float]:
+    given = raw.get("sparsities", [])
+    if not isinstance(given, list):
+        raise _fail("sparsities", f"must be a list ({TOP_KEYS['sparsities']}), got {given!r}")
     values = []
-    for i, value in enumerate(raw.get("sparsities") or []):
+    for i, value in enumerate(given):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
             raise _fail(f"sparsities[{i}]", f"needs a number in [0, 1), got {value!r}")
         try:
@@ -280,32 +284,26 @@ def parse_config(raw: Any, version: str | None = None) -> SweepConfig:
         raise _fail("dense", f"needs true or false, got {dense!r}")
     calibration, evaluation = _calibration(raw), _evaluation(raw)
 
+    common = {"scope": scope, "evaluation": evaluation, "seed": seed, "version": version}
     cells: list[Cell] = []
     for model in models:
         if dense:
             cells.append(Cell(model=model, method=DENSE, evaluation=evaluation, version=version))
-        for name, options in methods:
-            for pattern in patterns:
-                nm = Pattern.parse(pattern)
-                for sparsity in [nm.sparsity] if nm.is_nm else sparsities:
-                    for allocation in allocations:
-                        cells.append(
-                            Cell(
-                                model=model,
-                                method=name,
-                                options=options,
-                                sparsity=sparsity,
-                                pattern=pattern,
-                                scope=scope,
-                                allocation=allocation,
-                                calibration=calibration
-                                if get_method(name).needs_calibration or allocation != "uniform"
-                                else None,
-                                evaluation=evaluation,
-                                seed=seed,
-                                version=version,
-                            )
-                        )
+        for (name, options), pattern, allocation in product(methods, patterns, allocations):
+            uses_data = get_method(name).needs_calibration or allocation != "uniform"
+            nm = Pattern.parse(pattern)
+            for sparsity in [nm.sparsity] if nm.is_nm else sparsities:
+                cell = Cell(
+                    model=model,
+                    method=name,
+                    options=options,
+                    sparsity=sparsity,
+                    pattern=pattern,
+                    allocation=allocation,
+                    calibration=calibration if uses_data else None,
+                    **common,
+                )
+                cells.append(cell)
     return SweepConfig(cells=cells, execution=_execution(raw))
 
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+from prunekit.bench.config import series_name
 from prunekit.bench.knee import knee_sparsity, tolerance_sparsity
 from prunekit.bench.plots import Figure, cost_figure, perplexity_figure, retained_figure
 from prunekit.bench.results import Group, accuracy, group_rows, series_of
@@ -50,11 +51,10 @@ class Table:
 
 
 def _fmt(value: float | None, spec: str) -> str:
-    return (
-        "–"
-        if value is None or (isinstance(value, float) and math.isnan(value))
-        else (format(value, spec))
-    )
+    """`value` formatted, or an en dash when missing."""
+    if value is None or math.isnan(value):
+        return "–"
+    return format(value, spec)
 
 
 def _pct(value: float | None) -> str:
@@ -73,7 +73,7 @@ def cell_table(group: Group, groups: dict[str, list[str]]) -> Table:
         cell = row.cell
         actual = row.prune["overall_sparsity"] if row.prune else 0.0
         cells = [
-            series_of(row) if not cell.options else f"{cell.method} {cell.options}",
+            series_name(cell.method, cell.options, None, None),
             cell.pattern or "–",
             cell.allocation or "–",
             _fmt(cell.sparsity or 0.0, ".2f"),
@@ -103,37 +103,24 @@ def cell_table(group: Group, groups: dict[str, list[str]]) -> Table:
 def knee_table(group: Group, groups: dict[str, list[str]]) -> Table:
     """Per method and metric: the knee (largest slope increase) and the tolerance reading."""
     table = Table(["method", "metric", "knee (largest slope increase)", "within tolerance up to"])
+    ppl_rule = f"ppl ≤ dense × {1 + PPL_TOLERANCE:g}"
+    acc_rule = f"retained ≥ {1 - ACC_TOLERANCE:.0%}"
     for name, rows in group.series().items():
-        curves = []
+        curves = []  # (metric, sparsities, degradation, tolerance, rule)
         for task in group.perplexity_tasks:
-            xs, ys = group.ppl_curve(rows, task)
-            tolerance = math.log1p(PPL_TOLERANCE)
+            xs, log_ratio = group.ppl_curve(rows, task)
             curves.append(
-                (f"{task} log ppl ratio", xs, ys, tolerance, f"ppl ≤ dense × {1 + PPL_TOLERANCE:g}")
+                (f"{task} log ppl ratio", xs, log_ratio, math.log1p(PPL_TOLERANCE), ppl_rule)
             )
         for label in groups:
             xs, retained = group.retained_curve(rows, label)
-            degradation = [1 - v for v in retained]
-            curves.append(
-                (
-                    f"{label} 1 − retained",
-                    xs,
-                    degradation,
-                    ACC_TOLERANCE,
-                    f"retained ≥ {1 - ACC_TOLERANCE:.0%}",
-                )
-            )
+            lost = [1 - v for v in retained]
+            curves.append((f"{label} 1 − retained", xs, lost, ACC_TOLERANCE, acc_rule))
         for metric, xs, ys, tolerance, rule in curves:
             knee = knee_sparsity(xs, ys)
             within = tolerance_sparsity(xs, ys, tolerance)
-            table.rows.append(
-                [
-                    name,
-                    metric,
-                    _fmt(knee, ".2f") if knee is not None else "none",
-                    f"{_fmt(within, '.2f')} ({rule})",
-                ]
-            )
+            knee_text = "none" if knee is None else f"{knee:.2f}"
+            table.rows.append([name, metric, knee_text, f"{_fmt(within, '.2f')} ({rule})"])
     return table
 
 
