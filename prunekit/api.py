@@ -11,14 +11,15 @@ from typing import Any
 import torch
 
 from prunekit.allocation import allocate
-from prunekit.data import DATASETS, calibration_windows, load_text
+from prunekit.data import DATASETS, calibration_windows, check_dataset, load_text
+from prunekit.engine.runner import PROPAGATION
 from prunekit.errors import PrunekitError, choice_error
 from prunekit.eval.perplexity import perplexity
 from prunekit.eval.tasks import TASKS, canonical_task
 from prunekit.eval.zeroshot import evaluate_tasks
 from prunekit.export import save_pruned
 from prunekit.masks import SCOPES, Pattern, check_sparsity
-from prunekit.methods import PruneRequest, get_method
+from prunekit.methods import Method, MethodConfig, PruneRequest, get_method
 from prunekit.models.adapter import weight_matrix
 from prunekit.models.loading import LoadedModel, load_model
 from prunekit.record import (
@@ -29,7 +30,15 @@ from prunekit.record import (
     peak_rss_mb,
 )
 
-__all__ = ["evaluate", "is_zeroshot_task", "load_model", "prune", "save"]
+__all__ = [
+    "check_evaluation_name",
+    "evaluate",
+    "is_zeroshot_task",
+    "load_model",
+    "plan_prune",
+    "prune",
+    "save",
+]
 
 
 def _check_seqlen(lm: LoadedModel, seqlen: int) -> None:
@@ -51,26 +60,27 @@ def _check_nm_shapes(lm: LoadedModel, pattern: Pattern) -> None:
                 )
 
 
-def prune(
-    lm: LoadedModel,
-    method: str = "wanda",
-    sparsity: float | None = 0.5,
-    pattern: str = "unstructured",
-    calib: str = "wikitext2",
-    nsamples: int = 64,
-    seqlen: int = 512,
-    seed: int = 0,
-    scope: str = "row",
-    allocation: str = "uniform",
-    device: str = "cpu",
-    batch_size: int = 8,
-    options: dict[str, Any] | None = None,
-) -> PruneRecord:
-    """Prune `lm.model` in place and return how it was done.
+@dataclasses.dataclass(frozen=True)
+class PrunePlan:
+    """A validated pruning request, checked before any model is loaded."""
 
-    `sparsity` is the mean share of weights (or structure) removed; an N:M `pattern`
-    implies it (1 - N/M). `options` are the method's own (`prunekit methods` lists them).
-    """
+    method: type[Method]
+    config: MethodConfig
+    pattern: Pattern
+    sparsity: float
+
+
+def plan_prune(
+    method: str,
+    sparsity: float | None,
+    pattern: str = "unstructured",
+    scope: str = "row",
+    nsamples: int = 64,
+    calib: str = "wikitext2",
+    options: dict[str, Any] | None = None,
+    propagate: str = "pruned",
+) -> PrunePlan:
+    """Check everything about a request that does not need the model; one-line errors."""
     method_cls = get_method(method)
     config = method_cls.Config.from_options(options or {})
     parsed = Pattern.parse(pattern)
@@ -85,14 +95,42 @@ def prune(
         sparsity = parsed.sparsity
     if sparsity is None:
         raise PrunekitError("sparsity is required with an unstructured pattern")
-    sparsity = check_sparsity(sparsity)
     if scope not in SCOPES:
         raise choice_error("scope", scope, SCOPES)
     if nsamples < 1:
         raise PrunekitError(f"nsamples must be at least 1, got {nsamples}")
+    if propagate not in PROPAGATION:
+        raise choice_error("propagation", propagate, PROPAGATION)
+    check_dataset(calib)
+    return PrunePlan(method_cls, config, parsed, check_sparsity(sparsity))
+
+
+def prune(
+    lm: LoadedModel,
+    method: str = "wanda",
+    sparsity: float | None = 0.5,
+    pattern: str = "unstructured",
+    calib: str = "wikitext2",
+    nsamples: int = 64,
+    seqlen: int = 512,
+    seed: int = 0,
+    scope: str = "row",
+    allocation: str = "uniform",
+    device: str = "cpu",
+    batch_size: int = 8,
+    options: dict[str, Any] | None = None,
+    propagate: str = "pruned",
+) -> PruneRecord:
+    """Prune `lm.model` in place and return how it was done.
+
+    `sparsity` is the mean share of weights (or structure) removed; an N:M `pattern`
+    implies it (1 - N/M). `options` are the method's own (`prunekit methods` lists them).
+    """
+    plan = plan_prune(method, sparsity, pattern, scope, nsamples, calib, options, propagate)
     _check_seqlen(lm, seqlen)
-    if parsed.is_nm:
-        _check_nm_shapes(lm, parsed)
+    if plan.pattern.is_nm:
+        _check_nm_shapes(lm, plan.pattern)
+    method_cls, config, parsed, sparsity = plan.method, plan.config, plan.pattern, plan.sparsity
     request = PruneRequest(
         sparsity=sparsity,
         pattern=parsed,
@@ -100,6 +138,7 @@ def prune(
         device=device,
         batch_size=batch_size,
         seed=seed,
+        propagate=propagate,
     )
 
     start = time.perf_counter()
@@ -142,6 +181,14 @@ def is_zeroshot_task(name: str) -> bool:
     return canonical_task(name) is not None
 
 
+def check_evaluation_name(name: str) -> None:
+    """Fail with the valid names unless `name` is a zero-shot task, a perplexity dataset
+    or an existing text file."""
+    known = is_zeroshot_task(name) or name in DATASETS
+    if not known and not Path(name).expanduser().is_file():
+        raise choice_error("task", name, [*DATASETS, *TASKS, "<path to a .txt file>"])
+
+
 def evaluate(
     lm: LoadedModel,
     tasks: list[str] | tuple[str, ...] = ("wikitext2",),
@@ -159,10 +206,9 @@ def evaluate(
     `batch_size`: windows (default 1) or packed items (default 16) per forward pass.
     `backend` scores zero-shot tasks with prunekit or lm-eval's HFLM ("lm-eval").
     """
-    zeroshot = [t for t in tasks if is_zeroshot_task(t)]
     for task in tasks:
-        if task not in zeroshot and task not in DATASETS and not Path(task).expanduser().is_file():
-            raise choice_error("task", task, [*DATASETS, *TASKS, "<path to a .txt file>"])
+        check_evaluation_name(task)
+    zeroshot = [t for t in tasks if is_zeroshot_task(t)]
     if len(zeroshot) < len(tasks):
         _check_seqlen(lm, seqlen)
     scored = evaluate_tasks(lm.model, lm.tokenizer, zeroshot, limit, batch_size or 16, backend)

@@ -104,6 +104,9 @@ def prune(
     seed: int = typer.Option(0, help="seed of every random choice"),
     device: str = typer.Option("cpu", help="compute device for the current block"),
     batch_size: int = typer.Option(8, help="windows per forward pass"),
+    propagate: str = typer.Option(
+        "pruned", help="calibrate each block on the pruned or the dense previous outputs"
+    ),
     opt: list[str] = typer.Option([], "--opt", help="method option key=value (repeatable)"),
     out: Path | None = typer.Option(None, help="write the pruned model here"),
     overwrite: bool = typer.Option(False, help="replace an existing --out folder"),
@@ -122,8 +125,11 @@ def prune(
     options = _parse_options(opt)
     if sparsity is None and pattern == "unstructured":
         sparsity = 0.5
-    lm = api.load_model(model, device="cpu")
+    api.plan_prune(method, sparsity, pattern, scope, nsamples, calib, options, propagate)
     tasks = _split(eval)
+    for task in tasks:
+        api.check_evaluation_name(task)
+    lm = api.load_model(model, device="cpu")
     dense = api.evaluate(lm, tasks, eval_seqlen, eval_limit) if tasks else {}
     record = api.prune(
         lm,
@@ -139,6 +145,7 @@ def prune(
         device=device,
         batch_size=batch_size,
         options=options,
+        propagate=propagate,
     )
     if tasks:
         pruned = api.evaluate(lm, tasks, eval_seqlen, eval_limit)

@@ -152,3 +152,20 @@ def test_methods_run_on_every_family(family, method):
         for module in lm.adapter.linears(block).values():
             assert is_valid_nm(weight_matrix(module), 2, 4)
             assert float((weight_matrix(module) == 0).float().mean()) == 0.5
+
+
+def test_dense_propagation_calibrates_on_the_dense_models_activations(stories, stories_calib):
+    """propagate="dense": block i's statistics come from the unpruned model's hidden states."""
+    with torch.no_grad():
+        hidden = stories.model(stories_calib, output_hidden_states=True).hidden_states
+        attn_norms = [
+            stories.adapter.norm(b, "attn")(hidden[i]).reshape(-1, 64)
+            for i, b in enumerate(stories.adapter.blocks)
+        ]
+    dense_q = [b.self_attn.q_proj.weight.clone() for b in stories.adapter.blocks]
+    request = prunekit.methods.PruneRequest(sparsity=0.5, propagate="dense")
+    get_method("wanda")().run(stories, stories_calib, request)
+    for i, block in enumerate(stories.adapter.blocks):
+        norm = attn_norms[i].double().pow(2).sum(0).sqrt().float()
+        expected = dense_q[i] * make_mask(dense_q[i].abs() * norm, Target(0.5))
+        assert torch.equal(block.self_attn.q_proj.weight, expected)

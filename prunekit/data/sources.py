@@ -121,6 +121,12 @@ def _read_local(dataset: Dataset, split: str) -> tuple[str, str] | None:
     return text, str(path)
 
 
+def check_dataset(name: str) -> None:
+    """Fail with the valid names unless `name` is a known dataset or an existing file."""
+    if name not in DATASETS and not Path(name).expanduser().is_file():
+        raise choice_error("dataset", name, [*DATASETS, "<path to a .txt file>"])
+
+
 def load_text(name: str, split: str | None = None, purpose: str = "eval") -> TextSource:
     """The text of a named dataset split, or of a local file when `name` is a path.
 
@@ -130,8 +136,7 @@ def load_text(name: str, split: str | None = None, purpose: str = "eval") -> Tex
     path = Path(name).expanduser()
     if name not in DATASETS and path.is_file():
         return TextSource(path.stem, "file", path.read_text(encoding="utf-8"), str(path))
-    if name not in DATASETS:
-        raise choice_error("dataset", name, [*DATASETS, "<path to a .txt file>"])
+    check_dataset(name)
     dataset = DATASETS[name]
     split = split or (dataset.calib_split if purpose == "calib" else dataset.eval_split)
     local = _read_local(dataset, split)

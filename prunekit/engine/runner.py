@@ -19,6 +19,7 @@ from prunekit.errors import choice_error
 from prunekit.models.adapter import ModelAdapter, weight_matrix
 
 LayerStats = dict[str, torch.Tensor]  # collector name -> statistic
+PROPAGATION = ("pruned", "dense")
 
 
 class BlockContext:
@@ -30,6 +31,7 @@ class BlockContext:
         self.adapter = runner.adapter
         self.block: nn.Module = runner.adapter.blocks[index]
         self.inputs: torch.Tensor = runner.hidden  # [n, L, H] on the store device
+        self.stats: dict[str, LayerStats] = {}  # what the runner's `collect` gathered
 
     def linears(self) -> dict[str, nn.Module]:
         return self.adapter.linears(self.block)
@@ -100,7 +102,10 @@ class SequentialRunner:
         ...                     # change ctx.block in place
     ```
     After each step the (changed) block's outputs become the next block's inputs, unless
-    `propagate="dense"`, where the inputs come from the unchanged block.
+    `propagate="dense"`, where the inputs come from the unchanged block. Statistics named
+    in `collect` are gathered before the loop body sees the block (`ctx.stats`); with
+    dense propagation that happens in the same pass that computes the block's outputs, so
+    each block runs once.
     """
 
     def __init__(
@@ -111,12 +116,16 @@ class SequentialRunner:
         batch_size: int = 8,
         propagate: str = "pruned",
         progress: str | None = "blocks",
+        collect: tuple[str, ...] = (),
     ):
+        if propagate not in PROPAGATION:
+            raise choice_error("propagation", propagate, PROPAGATION)
         self.adapter = adapter
         self.device = torch.device(device)
         self.batch_size = batch_size
         self.propagate = propagate
         self.progress = progress
+        self.collect = tuple(collect)
         self.captured: CapturedInputs = capture_inputs(adapter, windows, batch_size)
         self.hidden = self.captured.hidden
 
@@ -143,7 +152,16 @@ class SequentialRunner:
             home = next(block.parameters()).device
             block.to(self.device)
             ctx = BlockContext(self, index)
-            dense_out = ctx.forward() if self.propagate == "dense" else None
+            dense_out = None
+            if self.collect or self.propagate == "dense":
+                with attach_collectors(ctx.linears(), list(self.collect), self.device) as found:
+                    dense_out = ctx.forward()
+                ctx.stats = {
+                    path: {name: c.result() for name, c in per_layer.items()}
+                    for path, per_layer in found.items()
+                }
+            if self.propagate != "dense":
+                dense_out = None
             yield ctx
             self.hidden = dense_out if dense_out is not None else ctx.forward()
             block.to(home)

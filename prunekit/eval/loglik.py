@@ -1,11 +1,13 @@
 """Log-likelihood of continuations given contexts, lm-evaluation-harness style, fast on CPU.
 
 Requests that share a context are packed into one row: the context once, then every
-continuation after it. A custom attention mask lets each continuation see the context and
-its own earlier tokens only, and position ids restart after the context for each one, so
-a continuation is scored exactly as if it followed the context alone, while the context
-is encoded once per item instead of once per choice. Rows are batched, left-padded, and
-only the positions that predict continuation tokens go through the LM head.
+continuation after it, each without its last token (which predicts nothing, so one-token
+choices such as yes/no or A/B/C/D add no tokens at all). A custom attention mask lets
+each continuation see the context and its own earlier tokens only, and position ids
+restart after the context for each one, so a continuation is scored exactly as if it
+followed the context alone, while the context is encoded once per item instead of once
+per choice. Rows are batched, left-padded, and only the positions that predict
+continuation tokens go through the LM head.
 """
 
 from __future__ import annotations
@@ -58,29 +60,35 @@ class _Row:
     request_ids: list[int]  # index of each continuation's request
 
     @property
+    def fed(self) -> list[list[int]]:
+        """Continuation tokens fed to the model: all but each one's last (never a predictor)."""
+        return [c[:-1] for c in self.continuations]
+
+    @property
     def length(self) -> int:
-        return len(self.context) + sum(len(c) for c in self.continuations)
+        return len(self.context) + sum(len(c) for c in self.fed)
 
     @property
     def tail(self) -> int:
-        """Positions whose logits are needed: last context token plus all continuations."""
-        return 1 + sum(len(c) for c in self.continuations)
+        """Positions whose logits are needed: the last context token and all fed tokens."""
+        return 1 + sum(len(c) for c in self.fed)
 
 
 def _pack(encoded: Sequence[tuple[list[int], list[int]]], max_length: int | None) -> list[_Row]:
-    """Group requests by identical context ids into rows (first-seen order)."""
+    """Group requests by identical context ids into rows (first-seen order).
+
+    With `max_length`, a context is left-truncated as lm-eval does: the model sees at
+    most `max_length` tokens of context + continuation minus its last token.
+    """
     rows: dict[tuple[int, ...], _Row] = {}
     for index, (context, continuation) in enumerate(encoded):
         if not context or not continuation:
             raise ValueError("each request needs a non-empty context and continuation")
+        if max_length is not None and len(context) + len(continuation) > max_length + 1:
+            context = context[-max(1, max_length + 1 - len(continuation)) :]
         row = rows.setdefault(tuple(context), _Row(list(context), [], []))
         row.continuations.append(list(continuation))
         row.request_ids.append(index)
-    if max_length is not None:
-        for row in rows.values():
-            longest = max(len(c) for c in row.continuations)
-            keep = max(1, max_length - longest)
-            row.context = row.context[-keep:]  # left truncation, as lm-eval does
     return list(rows.values())
 
 
@@ -99,9 +107,9 @@ def _batch_inputs(
         positions[r, start : start + n] = torch.arange(n)
         segments[r, start : start + n] = CONTEXT_SEGMENT
         cursor = start + n
-        for s, continuation in enumerate(row.continuations, start=1):
-            m = len(continuation)
-            ids[r, cursor : cursor + m] = torch.tensor(continuation)
+        for s, fed in enumerate(row.fed, start=1):
+            m = len(fed)
+            ids[r, cursor : cursor + m] = torch.tensor(fed, dtype=torch.long)
             positions[r, cursor : cursor + m] = torch.arange(n, n + m)
             segments[r, cursor : cursor + m] = s
             cursor += m
@@ -139,18 +147,18 @@ def _attention_masks(
 
 
 def _score_row(logits: torch.Tensor, row: _Row) -> list[Score]:
-    """Scores of a row's continuations from its tail logits [row.tail, V] (float)."""
-    logprobs = F.log_softmax(logits.float(), dim=-1)
+    """Scores of a row's continuations from its tail logits [row.tail, V]."""
+    logprobs = F.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
     scores, cursor = [], 1  # tail index 0 is the last context token
     for continuation in row.continuations:
         m = len(continuation)
-        predictors = torch.tensor([0, *range(cursor, cursor + m - 1)])
+        predictors = torch.tensor([0, *range(cursor, cursor + m - 1)], dtype=torch.long)
         targets = torch.tensor(continuation)
         chosen = logprobs[predictors]
         token_lp = chosen.gather(1, targets[:, None]).squeeze(1)
         greedy = bool((chosen.argmax(dim=-1) == targets).all())
         scores.append(Score(float(token_lp.sum()), greedy, m))
-        cursor += m
+        cursor += m - 1
     return scores
 
 

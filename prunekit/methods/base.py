@@ -65,7 +65,9 @@ class PruneRequest:
     """The common part of a pruning run, shared by every method.
 
     `sparsity` is the mean target (share of weights zeroed, or of structure removed);
-    `layer_sparsity` optionally gives one ratio per block (allocation).
+    `layer_sparsity` optionally gives one ratio per block (allocation). `propagate` says
+    whether block i+1 is calibrated on the pruned ("pruned", as the papers do) or the dense
+    ("dense", one pass per block) outputs of block i.
     """
 
     sparsity: float
@@ -74,6 +76,7 @@ class PruneRequest:
     device: str = "cpu"
     batch_size: int = 8
     seed: int = 0
+    propagate: str = "pruned"
     layer_sparsity: list[float] | None = None
 
     def target(self, block_index: int) -> Target:
@@ -113,11 +116,15 @@ class LayerwiseMethod(Method):
                     self.prune_linear(module, {}, request.target(index), path)
             return {}
         runner = SequentialRunner(
-            lm.adapter, calib, device=request.device, batch_size=request.batch_size
+            lm.adapter,
+            calib,
+            device=request.device,
+            batch_size=request.batch_size,
+            propagate=request.propagate,
+            collect=self.needs,
         )
         for ctx in runner:
-            stats = ctx.collect(self.needs) if self.needs else {}
-            self.prune_block(ctx, stats, request.target(ctx.index))
+            self.prune_block(ctx, ctx.stats, request.target(ctx.index))
         return {}
 
     def prune_block(self, ctx: BlockContext, stats: dict[str, LayerStats], target: Target) -> None:

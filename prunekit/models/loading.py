@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from transformers.utils import logging as hf_logging
 
 from prunekit import settings
 from prunekit.errors import PrunekitError
@@ -126,6 +127,7 @@ def load_model(
     A folder written by prunekit with per-layer widths is loaded through
     `prunekit.load_pruned`; this function handles standard checkpoints.
     """
+    hf_logging.disable_progress_bar()  # prunekit shows its own progress
     where, extra = _resolve(source)
     if "gguf_file" not in extra:
         family_of(_read_model_type(where, extra))  # fails early, naming supported ones
