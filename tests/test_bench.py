@@ -62,6 +62,7 @@ CHANGES = [
     ("sparsities", [0.4]),
     ("patterns", ["2:4"]),
     ("scope", "layer"),
+    ("propagate", "dense"),
     ("seed", 1),
     ("calibration", {"dataset": "wikitext2", "nsamples": 4, "seqlen": 64}),
     ("calibration", {"dataset": "tinyshakespeare", "nsamples": 8, "seqlen": 64}),
@@ -111,6 +112,7 @@ BAD = [
     ({"evaluation": {"tasks": ["wikitext2"], "limit": {"ptb": 3}}}, "evaluation.limit"),
     ({"execution": {"threads": "two"}}, "execution.threads"),
     ({"scope": "column"}, "scope"),
+    ({"propagate": "sideways"}, "propagate: unknown 'sideways'"),
     ({"models": []}, "models"),
 ]
 

@@ -71,6 +71,7 @@ def run_cell(cell: Cell, execution: Execution) -> dict[str, Any]:
             seed=cell.seed or 0,
             scope=cell.scope or "row",
             allocation=cell.allocation or "uniform",
+            propagate=cell.propagate or "pruned",
             device=execution.device,
             batch_size=execution.batch_size,
             options=cell.options,

@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from prunekit.allocation import ALLOCATIONS
+from prunekit.engine.runner import PROPAGATION
 from prunekit.errors import PrunekitError
 from prunekit.masks import SCOPES, Pattern, check_sparsity
 from prunekit.methods import get_method
@@ -32,6 +33,7 @@ TOP_KEYS = {
     "patterns": "list of patterns: unstructured or N:M",
     "allocations": "list of per-block allocations",
     "scope": "row or layer",
+    "propagate": "pruned or dense: which outputs feed the next block while calibrating",
     "seed": "integer seed of every random choice",
     "calibration": "mapping: dataset, nsamples, seqlen",
     "evaluation": "mapping: tasks, seqlen, limit",
@@ -62,6 +64,7 @@ class Cell:
     scope: str | None = None
     allocation: str | None = None
     calibration: dict[str, Any] | None = None  # dataset, nsamples, seqlen
+    propagate: str | None = None  # with calibration: "pruned" or "dense" block outputs
     seed: int | None = None
 
     @property
@@ -276,6 +279,9 @@ def parse_config(raw: Any, version: str | None = None) -> SweepConfig:
     scope = raw.get("scope", "row")
     if scope not in SCOPES:
         raise _fail("scope", f"unknown {scope!r}; valid: {', '.join(SCOPES)}")
+    propagate = raw.get("propagate", "pruned")
+    if propagate not in PROPAGATION:
+        raise _fail("propagate", f"unknown {propagate!r}; valid: {', '.join(PROPAGATION)}")
     seed = raw.get("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise _fail("seed", f"needs an integer, got {seed!r}")
@@ -301,6 +307,7 @@ def parse_config(raw: Any, version: str | None = None) -> SweepConfig:
                     pattern=pattern,
                     allocation=allocation,
                     calibration=calibration if uses_data else None,
+                    propagate=propagate if uses_data else None,
                     **common,
                 )
                 cells.append(cell)
