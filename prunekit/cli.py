@@ -223,13 +223,16 @@ def report(
     db: Path = typer.Option(Path("results.sqlite"), help="results store written by bench"),
     out: Path = typer.Option(..., help="folder for report.md, report.html and the PNGs"),
     title: str = typer.Option("prunekit sweep report", help="report title"),
+    config: Path | None = typer.Option(None, help="the sweep's YAML: list its cells not run"),
 ) -> None:
     """Render a results store as Markdown and a self-contained HTML page with plots."""
+    from prunekit.bench import load_config
     from prunekit.bench.report import write_report
 
     if not db.is_file():
         raise PrunekitError(f"results store not found: {db}")
-    paths = write_report(db, out, title)
+    sweep = load_config(config) if config is not None else None
+    paths = write_report(db, out, title, sweep)
     typer.echo("wrote " + ", ".join(str(p) for p in paths))
 
 

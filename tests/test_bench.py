@@ -189,6 +189,28 @@ def test_resume_never_reruns_finished_cells(tmp_path):
     assert {r.cell.sparsity for r in after if r.cell.method == "wanda"} == {0.3, 0.5}
 
 
+def test_cell_finished_by_another_sweep_is_skipped(tmp_path):
+    db = tmp_path / "r.sqlite"
+    sweep = parse_config(_config(methods=["magnitude"], sparsities=[0.3, 0.5]))
+    inline = make_executor("inline")
+
+    class AnotherSweepFinishesTheLastCell:
+        """Runs the cells inline; once the first has started, a second `bench` process
+        sharing the store records the last cell as done."""
+
+        def run(self, cells, execution, on_start=None):
+            cells = iter(cells)
+            first = next(cells)
+            with ResultStore(db) as other:
+                other.put(sweep.cells[-1], {"result": {"metrics": {}}, "wall_time_s": 1.0})
+            yield from inline.run([first, *cells], execution)
+
+    with ResultStore(db) as store:
+        summary = run_sweep(sweep, store, AnotherSweepFinishesTheLastCell())
+        assert (summary.total, summary.ran, summary.skipped) == (3, 2, 1)
+        assert all(r.attempts == 1 for r in store.rows())
+
+
 def test_failed_cell_is_recorded_and_retried(tmp_path):
     # 3:7 needs input widths divisible by 7; stories260K has 64: the cell fails cleanly
     raw = _config(methods=["magnitude"], patterns=["3:7"], sparsities=[])

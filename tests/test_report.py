@@ -147,6 +147,22 @@ def test_report_without_dense_leaves_ratios_blank(tmp_path):
     assert len(_table_keys(markdown)) == 6
 
 
+def test_report_lists_failed_and_missing_cells(tmp_path):
+    sweep = parse_config(RAW)
+    dense, failed, *pending = sweep.cells
+    with ResultStore(tmp_path / "r.sqlite") as store:
+        store.put(dense, _outcome(DENSE, None))
+        store.put(failed, {"error": "PrunekitError: out of luck", "wall_time_s": 1.0})
+    write_report(tmp_path / "r.sqlite", tmp_path / "out", config=sweep)
+    markdown = (tmp_path / "out" / "report.md").read_text()
+    absent = markdown.split("## Cells not in this report")[1].split("##")[0]
+    assert f"- {failed.label}: failed after 1 attempt(s): PrunekitError: out of luck" in absent
+    assert [line for line in absent.splitlines() if line.endswith("not run yet")] == [
+        f"- {cell.label}: not run yet" for cell in pending
+    ]
+    assert len(_table_keys(markdown)) == 1
+
+
 def test_report_of_an_empty_store_is_one_line(tmp_path, monkeypatch, capsys):
     ResultStore(tmp_path / "r.sqlite").close()
     with pytest.raises(PrunekitError, match="has no finished cells"):

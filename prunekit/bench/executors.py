@@ -15,7 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +64,7 @@ class LocalExecutor:
     name = "local"
 
     def run(
-        self, cells: list[Cell], execution: Execution, on_start: OnStart = None
+        self, cells: Iterable[Cell], execution: Execution, on_start: OnStart = None
     ) -> Iterator[tuple[Cell, Outcome]]:
         execution_dict = dataclasses.asdict(execution)
         for cell in cells:
@@ -86,7 +86,7 @@ class InlineExecutor:
             )
 
     def run(
-        self, cells: list[Cell], execution: Execution, on_start: OnStart = None
+        self, cells: Iterable[Cell], execution: Execution, on_start: OnStart = None
     ) -> Iterator[tuple[Cell, Outcome]]:
         for cell in cells:
             if on_start:
@@ -116,7 +116,7 @@ class RayExecutor:
         self.num_cpus = num_cpus
 
     def run(
-        self, cells: list[Cell], execution: Execution, on_start: OnStart = None
+        self, cells: Iterable[Cell], execution: Execution, on_start: OnStart = None
     ) -> Iterator[tuple[Cell, Outcome]]:
         ray = self.ray
         started_here = not ray.is_initialized()

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from prunekit.bench.config import series_name
+from prunekit.bench.config import SweepConfig, series_name
 from prunekit.bench.knee import knee_sparsity, tolerance_sparsity
 from prunekit.bench.plots import Figure, cost_figure, perplexity_figure, retained_figure
 from prunekit.bench.results import Group, accuracy, group_rows, series_of
@@ -239,7 +239,7 @@ KNEE_NOTE = (
 )
 
 
-def render_markdown(title: str, source: str, sections: list[Section], failed: list[Row]) -> str:
+def render_markdown(title: str, source: str, sections: list[Section], absent: list[str]) -> str:
     stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
     out = [f"# {title}", "", f"Generated {stamp} from `{source}`.", ""]
     for section in sections:
@@ -248,8 +248,8 @@ def render_markdown(title: str, source: str, sections: list[Section], failed: li
             out += [f"![{figure.caption}]({figure.name})", ""]
         out += ["### Cells (dense first)", "", section.cells.markdown(), ""]
         out += ["### Essential sparsity", "", KNEE_NOTE, "", section.knees.markdown(), ""]
-    if failed:
-        out += ["## Failed cells", ""] + [f"- {r.cell.label}: {r.error}" for r in failed] + [""]
+    if absent:
+        out += ["## Cells not in this report", ""] + [f"- {line}" for line in absent] + [""]
     return "\n".join(out)
 
 
@@ -265,7 +265,7 @@ img.plot { max-width: 100%; }
 
 
 def render_html(
-    title: str, source: str, sections: list[Section], provenance: Table, failed: list[Row]
+    title: str, source: str, sections: list[Section], provenance: Table, absent: list[str]
 ) -> str:
     stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
     parts = [
@@ -290,27 +290,45 @@ def render_html(
         parts += ["<h3>Essential sparsity</h3>", f"<p>{html.escape(KNEE_NOTE)}</p>"]
         parts.append(section.knees.html())
     parts += ["<h2>Provenance</h2>", provenance.html()]
-    if failed:
-        parts.append("<h2>Failed cells</h2><ul>")
-        parts += [f"<li>{html.escape(f'{r.cell.label}: {r.error}')}</li>" for r in failed]
+    if absent:
+        parts.append("<h2>Cells not in this report</h2><ul>")
+        parts += [f"<li>{html.escape(line)}</li>" for line in absent]
         parts.append("</ul>")
     parts.append("</body></html>")
     return "\n".join(parts)
 
 
+def absent_cells(failed: list[Row], config: SweepConfig | None, done: set[str]) -> list[str]:
+    """One line per cell of the sweep without a result: failed ones, and (given the
+    sweep's config) those not run yet."""
+    lines = [f"{r.cell.label}: failed after {r.attempts} attempt(s): {r.error}" for r in failed]
+    if config is not None:
+        known = done | {r.key for r in failed}
+        unique = {c.key: c for c in config.cells if c.key not in known}
+        lines += [f"{c.label}: not run yet" for c in unique.values()]
+    return lines
+
+
 def write_report(
-    db: str | Path, out: str | Path, title: str = "prunekit sweep report"
+    db: str | Path,
+    out: str | Path,
+    title: str = "prunekit sweep report",
+    config: SweepConfig | None = None,
 ) -> list[Path]:
-    """Write report.md, the PNGs it links, and report.html (self-contained) into `out`."""
+    """Write report.md, the PNGs it links, and report.html (self-contained) into `out`.
+
+    With the sweep's `config`, cells of the grid missing from the store are listed.
+    """
     with ResultStore(db) as store:
         rows, failed = store.rows("done"), store.rows("failed")
     if not rows:
         raise PrunekitError(f"results store {db} has no finished cells to report")
+    absent = absent_cells(failed, config, {r.key for r in rows})
     sections = build_sections(group_rows(rows))
     provenance = provenance_table([row for section in sections for row in section.rows])
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    markdown = render_markdown(title, str(db), sections, failed)
+    markdown = render_markdown(title, str(db), sections, absent)
     markdown += "\n## Provenance\n\n" + provenance.markdown() + "\n"
     written = []
     for section in sections:
@@ -319,6 +337,6 @@ def write_report(
             written.append(out / figure.name)
     (out / "report.md").write_text(markdown, encoding="utf-8")
     (out / "report.html").write_text(
-        render_html(title, str(db), sections, provenance, failed), encoding="utf-8"
+        render_html(title, str(db), sections, provenance, absent), encoding="utf-8"
     )
     return [out / "report.md", out / "report.html", *written]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from tqdm.auto import tqdm
@@ -24,6 +25,7 @@ def run_sweep(config: SweepConfig, store: ResultStore, executor) -> SweepSummary
     """Execute the cells of `config` missing from `store`, recording each as it finishes.
 
     Cells are de-duplicated by key, so a dense baseline shared by many rows runs once.
+    Several sweeps may share a store: a cell another one finished is skipped.
     """
     unique = {cell.key: cell for cell in config.cells}
     done = store.done_keys()
@@ -36,7 +38,18 @@ def run_sweep(config: SweepConfig, store: ResultStore, executor) -> SweepSummary
     def show_start(cell: Cell | None) -> None:
         bar.set_postfix_str(f"running {cell.label}" if cell else f"{len(pending)} tasks submitted")
 
-    for cell, outcome in executor.run(pending, config.execution, on_start=show_start):
+    def still_pending() -> Iterator[Cell]:
+        """The pending cells, each re-checked just before it starts: another `bench`
+        sharing the store may have finished it meanwhile."""
+        for cell in pending:
+            if cell.key in store.done_keys():
+                summary.skipped += 1
+                bar.write(f"skipped: {cell.label} (finished by another run)")
+                bar.update()
+                continue
+            yield cell
+
+    for cell, outcome in executor.run(still_pending(), config.execution, on_start=show_start):
         store.put(cell, outcome)
         summary.ran += 1
         line = f"{cell.label} ({outcome['wall_time_s']:.1f} s)"
