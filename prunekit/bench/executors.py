@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import prunekit
-from prunekit.bench.cell import run_outcome, run_outcome_from_dicts
+from prunekit.bench.cell import error_line, run_outcome, run_outcome_from_dicts
 from prunekit.bench.config import Cell, Execution
 from prunekit.bench.memory import reset_peak_rss
 from prunekit.errors import choice_error
@@ -126,7 +126,12 @@ class RayExecutor:
             kwargs: dict[str, Any] = {"runtime_env": {"env_vars": env_vars}}
             if self.address is None:
                 kwargs |= {"num_cpus": self.num_cpus, "include_dashboard": False}
-            ray.init(address=self.address, log_to_driver=True, **kwargs)
+            try:
+                ray.init(address=self.address, log_to_driver=True, **kwargs)
+            except Exception as err:  # noqa: BLE001 - Ray's start-up failures are many
+                raise prunekit.PrunekitError(
+                    f"could not start or reach Ray: {error_line(err)}"
+                ) from err
         try:
             task = ray.remote(num_cpus=execution.threads, max_calls=1)(run_outcome_from_dicts)
             execution_dict = dataclasses.asdict(execution)
