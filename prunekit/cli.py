@@ -208,6 +208,58 @@ def evaluate(
 
 
 @app.command()
+def bench(
+    config: Path = typer.Argument(..., help="sweep YAML (see docs/bench.md)"),
+    db: Path = typer.Option(Path("results.sqlite"), help="results store (SQLite) to fill"),
+    executor: str = typer.Option("local", help="local (process per cell), inline, or ray"),
+    ray_address: str | None = typer.Option(None, help="Ray cluster address (default: local)"),
+    ray_cpus: int | None = typer.Option(None, help="CPUs of a local Ray instance"),
+    dry_run: bool = typer.Option(False, help="list the cells and whether they are done"),
+) -> None:
+    """Run the grid of CONFIG; cells already in the store are not run again."""
+    from prunekit.bench import ResultStore, load_config, make_executor, run_sweep
+
+    sweep = load_config(config)
+    runner = None if dry_run else make_executor(executor, ray_address, ray_cpus)
+    with ResultStore(db) as store:
+        if dry_run:
+            done = store.done_keys()
+            for cell in {c.key: c for c in sweep.cells}.values():
+                state = "done" if cell.key in done else "todo"
+                typer.echo(f"{state}  {cell.key[:12]}  {cell.label}")
+            return
+        summary = run_sweep(sweep, store, runner)
+    typer.echo(
+        f"{summary.total} cells: {summary.skipped} already done, {summary.ran} run now, "
+        f"{len(summary.failed)} failed; results in {db}"
+    )
+    for line in summary.failed:
+        typer.echo(f"failed: {line}", err=True)
+    if summary.failed:
+        raise PrunekitError(
+            f"{len(summary.failed)} of {summary.ran} cells failed; the next bench reruns them"
+        )
+
+
+@app.command()
+def report(
+    db: Path = typer.Option(Path("results.sqlite"), help="results store written by bench"),
+    out: Path = typer.Option(..., help="folder for report.md, report.html and the PNGs"),
+    title: str = typer.Option("prunekit sweep report", help="report title"),
+    config: Path | None = typer.Option(None, help="the sweep's YAML: list its cells not run"),
+) -> None:
+    """Render a results store as Markdown and a self-contained HTML page with plots."""
+    from prunekit.bench import load_config
+    from prunekit.bench.report import write_report
+
+    if not db.is_file():
+        raise PrunekitError(f"results store not found: {db}")
+    sweep = load_config(config) if config is not None else None
+    paths = write_report(db, out, title, sweep)
+    typer.echo("wrote " + ", ".join(str(p) for p in paths))
+
+
+@app.command()
 def methods() -> None:
     """List registered methods and weight updates with one line each and their options."""
     for name in sorted(REGISTRY):
