@@ -16,6 +16,7 @@ from prunekit.errors import PrunekitError
 from prunekit.eval.llmkick import format_llmkick, llmkick_view
 from prunekit.export import check_output_dir
 from prunekit.methods import REGISTRY
+from prunekit.record import PruneRecord
 from prunekit.updates import UPDATES
 
 app = typer.Typer(
@@ -90,6 +91,17 @@ def _print_results(dense: dict[str, dict], pruned: dict[str, dict] | None = None
     if pruned and any(api.is_zeroshot_task(name) for name in dense):
         typer.echo("\nLLM-Kick view (retained = pruned / dense)")
         typer.echo(format_llmkick(llmkick_view(dense, pruned)))
+
+
+def _outcome(record: PruneRecord) -> str:
+    """What a run did: zeros for mask methods, parameters removed for the others."""
+    if record.parameters_after != record.parameters_before:
+        removed = 1 - record.parameters_after / record.parameters_before
+        return (
+            f"parameters {record.parameters_before:,} -> {record.parameters_after:,} "
+            f"({removed:.1%} removed)"
+        )
+    return f"{record.request['pattern']} sparsity {record.overall_sparsity:.4f}"
 
 
 @app.command()
@@ -174,8 +186,7 @@ def prune(
         pruned = api.evaluate(lm, tasks, eval_seqlen, eval_limit)
         record.evaluation = {"dense": dense, "pruned": pruned}
     typer.echo(
-        f"{method} {record.request['pattern']} on {model}: sparsity "
-        f"{record.overall_sparsity:.4f}, {record.wall_time_s:.1f} s, "
+        f"{method} on {model}: {_outcome(record)}, {record.wall_time_s:.1f} s, "
         f"peak RSS {record.peak_rss_mb:.0f} MiB"
     )
     if tasks:
