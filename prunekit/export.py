@@ -10,6 +10,8 @@ A model changed by surgery is written in one of two layouts:
   derives head_dim from the head count). The folder gets `modeling_prunekit.py` (a
   subclass of the transformers class that resizes each block) and an `auto_map`, so it
   loads with `prunekit.load_pruned` or `trust_remote_code=True`.
+A SliceGPT model ("sliced" layout: `sliced_hidden_size` in its config) gets
+`modeling_prunekit_sliced.py` the same way.
 """
 
 from __future__ import annotations
@@ -28,13 +30,14 @@ from typing import Any
 import torch
 
 from prunekit.errors import PrunekitError
-from prunekit.models import pruned_modeling
+from prunekit.models import pruned_modeling, sliced_modeling
 from prunekit.models.adapter import ModelAdapter, weight_matrix
 from prunekit.models.loading import LoadedModel
 from prunekit.surgery import BASE_GEOMETRY_KEY, LAYER_WIDTHS_KEY, head_attributes
 
 RECORD_FILE = "prunekit.json"
 MODELING_FILE = "modeling_prunekit.py"
+SLICED_MODELING_FILE = "modeling_prunekit_sliced.py"
 PRUNED_CLASS = "PrunekitForCausalLM"
 _PER_LAYER_KEYS = ("prunekit_layers", "prunekit_blocks", "prunekit_base_class", "auto_map")
 
@@ -66,7 +69,9 @@ def fits_standard_class(model: torch.nn.Module) -> bool:
 
 
 def layout_of(model: torch.nn.Module) -> str:
-    """ "unchanged" (no surgery), "standard" or "per_layer" (see the module docstring)."""
+    """ "unchanged" (no surgery), "standard", "per_layer" or "sliced" (module docstring)."""
+    if getattr(model.config, "sliced_hidden_size", None) is not None:
+        return "sliced"
     if getattr(model.config, BASE_GEOMETRY_KEY, None) is None:
         return "unchanged"
     return "standard" if fits_standard_class(model) else "per_layer"
@@ -148,6 +153,8 @@ def save_pruned(
             lm.model.save_pretrained(tmp)
         if layout == "per_layer":
             _write_modeling_file(tmp, standard_class(lm.model).__name__)
+        elif layout == "sliced":
+            shutil.copy(inspect.getsourcefile(sliced_modeling), tmp / SLICED_MODELING_FILE)
         if lm.tokenizer is not None:
             lm.tokenizer.save_pretrained(tmp)
         record = {**record, "layout": layout}
