@@ -10,16 +10,18 @@ from typing import Any
 
 import torch
 
-from prunekit.allocation import allocate
-from prunekit.data import calibration_windows, check_dataset, load_text
+from prunekit.allocation import Allocation, allocate, get_allocation
+from prunekit.data import DATASETS, calibration_windows, check_dataset, load_text
 from prunekit.engine.runner import PROPAGATION
 from prunekit.errors import PrunekitError, choice_error
 from prunekit.eval.perplexity import perplexity
+from prunekit.eval.tasks import TASKS, canonical_task
+from prunekit.eval.zeroshot import evaluate_tasks
 from prunekit.export import save_pruned
 from prunekit.masks import SCOPES, Pattern, check_sparsity
 from prunekit.methods import LayerwiseMethod, Method, MethodConfig, PruneRequest, get_method
 from prunekit.models.adapter import weight_matrix
-from prunekit.models.loading import LoadedModel, load_model
+from prunekit.models.loading import LoadedModel, load_model, load_pruned
 from prunekit.record import (
     PruneRecord,
     count_parameters,
@@ -29,7 +31,16 @@ from prunekit.record import (
 )
 from prunekit.updates import WeightUpdate, get_update
 
-__all__ = ["evaluate", "load_model", "plan_prune", "prune", "save"]
+__all__ = [
+    "check_evaluation_name",
+    "evaluate",
+    "is_zeroshot_task",
+    "load_model",
+    "load_pruned",
+    "plan_prune",
+    "prune",
+    "save",
+]
 
 
 def _check_seqlen(lm: LoadedModel, seqlen: int) -> None:
@@ -59,6 +70,7 @@ class PrunePlan:
     config: MethodConfig
     pattern: Pattern
     sparsity: float
+    allocation: Allocation
     update: WeightUpdate | None = None
 
     def make_method(self) -> Method:
@@ -103,6 +115,7 @@ def plan_prune(
     calib: str = "wikitext2",
     options: dict[str, Any] | None = None,
     propagate: str = "pruned",
+    allocation: str | Allocation = "uniform",
     update: str = "none",
     update_options: dict[str, Any] | None = None,
 ) -> PrunePlan:
@@ -132,8 +145,14 @@ def plan_prune(
     if propagate not in PROPAGATION:
         raise choice_error("propagation", propagate, PROPAGATION)
     check_dataset(calib)
+    alloc = get_allocation(allocation)
+    if parsed.is_nm and alloc.name != "uniform":
+        raise PrunekitError(
+            f"allocation {alloc.name!r} needs an unstructured pattern; N:M fixes every "
+            f"block at {parsed.sparsity:g}"
+        )
     weight_update = plan_update(method_cls, update, update_options)
-    return PrunePlan(method_cls, config, parsed, check_sparsity(sparsity), weight_update)
+    return PrunePlan(method_cls, config, parsed, check_sparsity(sparsity), alloc, weight_update)
 
 
 def prune(
@@ -146,7 +165,7 @@ def prune(
     seqlen: int = 512,
     seed: int = 0,
     scope: str = "row",
-    allocation: str = "uniform",
+    allocation: str | Allocation = "uniform",
     device: str = "cpu",
     batch_size: int = 8,
     options: dict[str, Any] | None = None,
@@ -158,6 +177,8 @@ def prune(
 
     `sparsity` is the mean share of weights (or structure) removed; an N:M `pattern`
     implies it (1 - N/M). `options` are the method's own (`prunekit methods` lists them).
+    `allocation` spreads the mean over the blocks: `uniform`, `owl[:m=5,lam=0.08]`,
+    `file:PATH.json` (block index -> ratio), or an `Allocation` instance.
     `update` re-fits the kept weights after the mask ("admm", "alps", "sparsegpt"; or
     write `method="wanda+admm"`), with `update_options` its own options.
     """
@@ -170,6 +191,7 @@ def prune(
         calib,
         options,
         propagate,
+        allocation,
         update,
         update_options,
     )
@@ -177,6 +199,7 @@ def prune(
     if plan.pattern.is_nm:
         _check_nm_shapes(lm, plan.pattern)
     method_cls, config, parsed, sparsity = plan.method, plan.config, plan.pattern, plan.sparsity
+    alloc = plan.allocation
     request = PruneRequest(
         sparsity=sparsity,
         pattern=parsed,
@@ -190,7 +213,7 @@ def prune(
     start = time.perf_counter()
     torch.manual_seed(seed)
     windows, calibration = None, None
-    if method_cls.needs_calibration or plan.update is not None or allocation != "uniform":
+    if method_cls.needs_calibration or alloc.needs_calibration or plan.update is not None:
         source = load_text(calib, purpose="calib")
         windows = calibration_windows(lm.tokenizer, source.text, nsamples, seqlen, seed)
         calibration = {
@@ -201,11 +224,14 @@ def prune(
             "windows_sha256": hashlib.sha256(windows.numpy().tobytes()).hexdigest(),
         }
     params_before = count_parameters(lm.model)
-    request.layer_sparsity = allocate(allocation, lm, windows, request)
+    allocated = allocate(alloc, lm, windows, request)
+    request.layer_sparsity = allocated.ratios
     details = plan.make_method().run(lm, windows, request) or {}
+    if alloc.name != "uniform":
+        details = {**details, "allocation": allocated.details}
     request_dict = dataclasses.asdict(request)
     request_dict["pattern"] = str(parsed)
-    request_dict["allocation"] = allocation
+    request_dict["allocation"] = alloc.spec
     request_dict["update"] = plan.update.name if plan.update else "none"
     return PruneRecord(
         source_model=lm.source,
@@ -224,22 +250,49 @@ def prune(
     )
 
 
+def is_zeroshot_task(name: str) -> bool:
+    """Whether `name` is a zero-shot task (else a perplexity dataset or text file)."""
+    return canonical_task(name) is not None
+
+
+def check_evaluation_name(name: str) -> None:
+    """Fail with the valid names unless `name` is a zero-shot task, a perplexity dataset
+    or an existing text file."""
+    known = is_zeroshot_task(name) or name in DATASETS
+    if not known and not Path(name).expanduser().is_file():
+        raise choice_error("task", name, [*DATASETS, *TASKS, "<path to a .txt file>"])
+
+
 def evaluate(
     lm: LoadedModel,
     tasks: list[str] | tuple[str, ...] = ("wikitext2",),
     seqlen: int = 1024,
     limit: int | None = None,
-    batch_size: int = 1,
+    batch_size: int | None = None,
+    backend: str = "prunekit",
 ) -> dict[str, dict[str, Any]]:
-    """Perplexity on each dataset in `tasks`: `{name: PerplexityResult as dict}`.
+    """Evaluate `lm` on each name in `tasks`: `{name: result dict}`, in the given order.
 
-    `limit` evaluates only the first `limit` windows of each (quick runs).
+    Perplexity datasets (wikitext2, ptb, ... or a .txt path) give a `PerplexityResult`
+    as dict; zero-shot tasks (piqa, arc_easy, ..., `prunekit.eval.tasks.TASKS`) give
+    `{"acc", "acc_norm", "n", ...}` (LAMBADA: `acc`, `perplexity`). `limit` keeps the
+    first `limit` windows of a perplexity dataset and the first `limit` items of a task.
+    `batch_size`: windows (default 1) or packed items (default 16) per forward pass.
+    `backend` scores zero-shot tasks with prunekit or lm-eval's HFLM ("lm-eval").
     """
-    _check_seqlen(lm, seqlen)
+    for task in tasks:
+        check_evaluation_name(task)
+    zeroshot = [t for t in tasks if is_zeroshot_task(t)]
+    if len(zeroshot) < len(tasks):
+        _check_seqlen(lm, seqlen)
+    scored = evaluate_tasks(lm.model, lm.tokenizer, zeroshot, limit, batch_size or 16, backend)
     results = {}
     for task in tasks:
-        result = perplexity(lm.model, lm.tokenizer, task, seqlen, limit, batch_size)
-        results[task] = result.as_dict()
+        if task in scored:
+            results[task] = scored[task]
+        else:
+            result = perplexity(lm.model, lm.tokenizer, task, seqlen, limit, batch_size or 1)
+            results[task] = result.as_dict()
     return results
 
 

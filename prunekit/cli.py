@@ -11,8 +11,9 @@ from typing import Any
 import typer
 
 from prunekit import api
-from prunekit.data import check_dataset
+from prunekit.allocation import ALLOCATIONS
 from prunekit.errors import PrunekitError
+from prunekit.eval.llmkick import format_llmkick, llmkick_view
 from prunekit.export import check_output_dir
 from prunekit.methods import REGISTRY
 from prunekit.updates import UPDATES
@@ -45,16 +46,50 @@ def _write_json(path: Path | None, payload: dict[str, Any]) -> None:
 
 
 def _print_ppl_table(dense: dict[str, dict], pruned: dict[str, dict] | None) -> None:
+    rows = {name: r for name, r in dense.items() if not api.is_zeroshot_task(name)}
+    if not rows:
+        return
     header = f"{'dataset':<16}{'dense ppl':>12}" + (
         f"{'pruned ppl':>13}{'ratio':>8}" if pruned else ""
     )
     typer.echo(header)
-    for name, result in dense.items():
+    for name, result in rows.items():
         line = f"{name:<16}{result['perplexity']:>12.3f}"
         if pruned:
             p = pruned[name]["perplexity"]
             line += f"{p:>13.3f}{p / result['perplexity']:>8.2f}"
         typer.echo(line)
+
+
+def _print_task_table(dense: dict[str, dict], pruned: dict[str, dict] | None) -> None:
+    """Zero-shot rows: acc and acc_norm (LAMBADA: acc and perplexity), dense beside pruned."""
+    rows = {name: r for name, r in dense.items() if api.is_zeroshot_task(name)}
+    if not rows:
+        return
+
+    def cells(result: dict) -> str:
+        second = result.get("acc_norm", result.get("perplexity", float("nan")))
+        return f"{result['acc']:>8.4f}{second:>10.4g}"
+
+    header = f"{'task':<16}{'n':>6}{'acc':>8}{'norm/ppl':>10}"
+    if pruned:
+        header += f"{'pr. acc':>9}{'norm/ppl':>10}{'retained':>10}"
+    typer.echo(header)
+    for name, result in rows.items():
+        line = f"{name:<16}{result['n']:>6}{cells(result)}"
+        if pruned:
+            after = pruned[name]
+            retained = after["acc"] / result["acc"] if result["acc"] else float("nan")
+            line += f" {cells(after)}{retained:>10.3f}"
+        typer.echo(line)
+
+
+def _print_results(dense: dict[str, dict], pruned: dict[str, dict] | None = None) -> None:
+    _print_ppl_table(dense, pruned)
+    _print_task_table(dense, pruned)
+    if pruned and any(api.is_zeroshot_task(name) for name in dense):
+        typer.echo("\nLLM-Kick view (retained = pruned / dense)")
+        typer.echo(format_llmkick(llmkick_view(dense, pruned)))
 
 
 @app.command()
@@ -64,7 +99,9 @@ def prune(
     sparsity: float | None = typer.Option(None, help="share of weights removed, in [0, 1)"),
     pattern: str = typer.Option("unstructured", help="unstructured, or N:M such as 2:4"),
     scope: str = typer.Option("row", help="unstructured comparison group: row or layer"),
-    allocation: str = typer.Option("uniform", help="per-block sparsity allocation"),
+    allocation: str = typer.Option(
+        "uniform", help="per-block sparsity: uniform, owl[:m=5,lam=0.08], file:PATH.json"
+    ),
     calib: str = typer.Option("wikitext2", help="calibration dataset or text file"),
     nsamples: int = typer.Option(64, help="calibration windows"),
     seqlen: int = typer.Option(512, help="tokens per calibration window"),
@@ -81,9 +118,13 @@ def prune(
     ),
     out: Path | None = typer.Option(None, help="write the pruned model here"),
     overwrite: bool = typer.Option(False, help="replace an existing --out folder"),
-    eval: str = typer.Option("", "--eval", help="datasets to evaluate, e.g. wikitext2,ptb"),
+    eval: str = typer.Option(
+        "", "--eval", help="datasets and zero-shot tasks to evaluate, e.g. wikitext2,piqa"
+    ),
     eval_seqlen: int = typer.Option(1024, help="evaluation window length"),
-    eval_limit: int | None = typer.Option(None, help="evaluate only the first N windows"),
+    eval_limit: int | None = typer.Option(
+        None, help="evaluate only the first N windows / task items"
+    ),
     json_path: Path | None = typer.Option(None, "--json", help="write the run's record here"),
 ) -> None:
     """Prune MODEL and optionally evaluate and save it."""
@@ -102,12 +143,13 @@ def prune(
         calib,
         options,
         propagate,
+        allocation,
         update,
         update_options,
     )
     tasks = _split(eval)
     for task in tasks:
-        check_dataset(task)
+        api.check_evaluation_name(task)
     lm = api.load_model(model, device="cpu")
     dense = api.evaluate(lm, tasks, eval_seqlen, eval_limit) if tasks else {}
     record = api.prune(
@@ -137,7 +179,7 @@ def prune(
         f"peak RSS {record.peak_rss_mb:.0f} MiB"
     )
     if tasks:
-        _print_ppl_table(dense, record.evaluation["pruned"])
+        _print_results(dense, record.evaluation["pruned"])
     if out is not None:
         api.save(lm, out, record, overwrite)
         typer.echo(f"saved to {out}")
@@ -147,16 +189,74 @@ def prune(
 @app.command("eval")
 def evaluate(
     model: str = typer.Argument(..., help="HF folder, hub id, .gguf file, alias, or pruned dir"),
-    tasks: str = typer.Option("wikitext2", help="comma-separated datasets"),
+    tasks: str = typer.Option(
+        "wikitext2", help="comma-separated perplexity datasets and zero-shot tasks"
+    ),
     seqlen: int = typer.Option(1024, help="evaluation window length"),
-    limit: int | None = typer.Option(None, help="evaluate only the first N windows"),
+    limit: int | None = typer.Option(None, help="evaluate only the first N windows / task items"),
+    batch_size: int | None = typer.Option(
+        None, help="windows (default 1) or task items (default 16) per forward pass"
+    ),
+    backend: str = typer.Option("prunekit", help="zero-shot scorer: prunekit or lm-eval"),
     json_path: Path | None = typer.Option(None, "--json", help="write results here"),
 ) -> None:
-    """Perplexity of MODEL on each dataset."""
+    """Perplexity and zero-shot accuracy of MODEL on each dataset and task."""
     lm = api.load_model(model)
-    results = api.evaluate(lm, _split(tasks), seqlen, limit)
-    _print_ppl_table(results, None)
+    results = api.evaluate(lm, _split(tasks), seqlen, limit, batch_size, backend)
+    _print_results(results)
     _write_json(json_path, {"model": model, "results": results})
+
+
+@app.command()
+def bench(
+    config: Path = typer.Argument(..., help="sweep YAML (see docs/bench.md)"),
+    db: Path = typer.Option(Path("results.sqlite"), help="results store (SQLite) to fill"),
+    executor: str = typer.Option("local", help="local (process per cell), inline, or ray"),
+    ray_address: str | None = typer.Option(None, help="Ray cluster address (default: local)"),
+    ray_cpus: int | None = typer.Option(None, help="CPUs of a local Ray instance"),
+    dry_run: bool = typer.Option(False, help="list the cells and whether they are done"),
+) -> None:
+    """Run the grid of CONFIG; cells already in the store are not run again."""
+    from prunekit.bench import ResultStore, load_config, make_executor, run_sweep
+
+    sweep = load_config(config)
+    runner = None if dry_run else make_executor(executor, ray_address, ray_cpus)
+    with ResultStore(db) as store:
+        if dry_run:
+            done = store.done_keys()
+            for cell in {c.key: c for c in sweep.cells}.values():
+                state = "done" if cell.key in done else "todo"
+                typer.echo(f"{state}  {cell.key[:12]}  {cell.label}")
+            return
+        summary = run_sweep(sweep, store, runner)
+    typer.echo(
+        f"{summary.total} cells: {summary.skipped} already done, {summary.ran} run now, "
+        f"{len(summary.failed)} failed; results in {db}"
+    )
+    for line in summary.failed:
+        typer.echo(f"failed: {line}", err=True)
+    if summary.failed:
+        raise PrunekitError(
+            f"{len(summary.failed)} of {summary.ran} cells failed; the next bench reruns them"
+        )
+
+
+@app.command()
+def report(
+    db: Path = typer.Option(Path("results.sqlite"), help="results store written by bench"),
+    out: Path = typer.Option(..., help="folder for report.md, report.html and the PNGs"),
+    title: str = typer.Option("prunekit sweep report", help="report title"),
+    config: Path | None = typer.Option(None, help="the sweep's YAML: list its cells not run"),
+) -> None:
+    """Render a results store as Markdown and a self-contained HTML page with plots."""
+    from prunekit.bench import load_config
+    from prunekit.bench.report import write_report
+
+    if not db.is_file():
+        raise PrunekitError(f"results store not found: {db}")
+    sweep = load_config(config) if config is not None else None
+    paths = write_report(db, out, title, sweep)
+    typer.echo("wrote " + ", ".join(str(p) for p in paths))
 
 
 @app.command()
@@ -173,6 +273,15 @@ def methods() -> None:
         typer.echo(f"{name:<18}{cls.summary}")
         for field in dataclasses.fields(cls.Config):
             typer.echo(f"{'':<20}--update-opt {field.name}={field.default!r}")
+
+
+@app.command()
+def allocations() -> None:
+    """List per-block sparsity allocations (`--allocation NAME[:key=value,...]`)."""
+    for name in sorted(ALLOCATIONS):
+        cls = ALLOCATIONS[name]
+        options = ",".join(f"{f.name}={f.default}" for f in dataclasses.fields(cls.Config))
+        typer.echo(f"{name:<18}{cls.summary}" + (f"  [{name}:{options}]" if options else ""))
 
 
 def main() -> None:

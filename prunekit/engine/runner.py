@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from prunekit.engine.capture import BlockCall, CapturedInputs, capture_inputs
 from prunekit.engine.collectors import COLLECTORS, Collector
 from prunekit.errors import choice_error
-from prunekit.models.adapter import ModelAdapter, weight_matrix
+from prunekit.models.adapter import ModelAdapter
 
 LayerStats = dict[str, torch.Tensor]  # collector name -> statistic
 PROPAGATION = ("pruned", "dense")
@@ -77,24 +77,28 @@ class BlockContext:
 def attach_collectors(
     modules: dict[str, nn.Module], names: list[str], device: torch.device | str
 ) -> Iterator[dict[str, dict[str, Collector]]]:
-    """Hook each module so its inputs feed the named collectors while the context is open."""
+    """Hook each module so its inputs feed the named collectors while the context is open.
+
+    Any module works (linears, norms, ...): collectors are sized by the first input seen,
+    so a module that never runs has no entry.
+    """
     collectors: dict[str, dict[str, Collector]] = {}
     handles = []
 
-    def hook(per_layer: dict[str, Collector]):
+    def hook(path: str):
         def fn(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
             x = args[0].detach()
             x = x.reshape(-1, x.shape[-1])
-            for c in per_layer.values():
+            if path not in collectors:
+                width = x.shape[1]
+                collectors[path] = {n: COLLECTORS[n](width, torch.device(device)) for n in names}
+            for c in collectors[path].values():
                 c.update(x)
 
         return fn
 
     for path, module in modules.items():
-        in_features = weight_matrix(module).shape[1]
-        per_layer = {n: COLLECTORS[n](in_features, torch.device(device)) for n in names}
-        collectors[path] = per_layer
-        handles.append(module.register_forward_hook(hook(per_layer)))
+        handles.append(module.register_forward_hook(hook(path)))
     try:
         yield collectors
     finally:
@@ -164,11 +168,17 @@ class SequentialRunner:
 
     @torch.no_grad()
     def run_block(self, index: int, inputs: torch.Tensor) -> torch.Tensor:
-        """Block `index` applied to `inputs` [n, L, H], batch by batch."""
-        outputs = torch.empty_like(inputs)
+        """Block `index` applied to `inputs` [n, L, H], batch by batch: [n, L, H'].
+
+        H' may differ from H when a method changes the block's width (SliceGPT).
+        """
+        outputs: torch.Tensor | None = None
         for start in range(0, inputs.shape[0], self.batch_size):
             h = inputs[start : start + self.batch_size].to(self.device)
             out = self.call_block(index, h)
+            if outputs is None:
+                shape = (inputs.shape[0], *out.shape[1:])
+                outputs = torch.empty(shape, dtype=out.dtype, device=inputs.device)
             outputs[start : start + h.shape[0]] = out.to(outputs.device)
         return outputs
 

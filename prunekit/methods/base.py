@@ -16,9 +16,8 @@ dense weights using the block's statistics. Methods need not know about it.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, get_type_hints
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from torch import nn
@@ -28,43 +27,15 @@ from prunekit.errors import PrunekitError, choice_error
 from prunekit.masks import Pattern, Target, make_mask
 from prunekit.models.adapter import weight_matrix
 from prunekit.models.loading import LoadedModel
+from prunekit.options import Options
 
 if TYPE_CHECKING:
     from prunekit.updates.base import WeightUpdate
 
 
 @dataclass
-class MethodConfig:
+class MethodConfig(Options):
     """Options of a method beyond the common ones; subclasses add typed fields."""
-
-    @classmethod
-    def from_options(cls, options: dict[str, Any]) -> MethodConfig:
-        """Build from `{name: value}` (values may be strings from the CLI), checking names."""
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        hints = get_type_hints(cls)
-        values = {}
-        for key, raw in options.items():
-            if key not in fields:
-                valid = ", ".join(fields) or "(none)"
-                raise PrunekitError(f"unknown option {key!r}; valid: {valid}")
-            values[key] = _coerce(key, raw, hints[key])
-        return cls(**values)
-
-
-def _coerce(key: str, raw: Any, hint: Any) -> Any:
-    if not isinstance(raw, str):
-        return raw
-    kind = hint if isinstance(hint, type) else None
-    try:
-        if kind is bool:
-            if raw.lower() not in ("1", "0", "true", "false", "yes", "no"):
-                raise ValueError(raw)
-            return raw.lower() in ("1", "true", "yes")
-        if kind in (int, float):
-            return kind(raw)
-    except ValueError:
-        raise PrunekitError(f"option {key!r} needs a {kind.__name__}, got {raw!r}") from None
-    return raw
 
 
 @dataclass
@@ -129,7 +100,8 @@ class LayerwiseMethod(Method):
         return list(dict.fromkeys((*self.needs, *extra)))
 
     def run(self, lm: LoadedModel, calib: torch.Tensor | None, request: PruneRequest) -> dict:
-        if calib is None:  # data-free: walk the blocks without activations
+        if calib is None or (not self.needs_calibration and self.update is None):
+            # data-free: walk the blocks without activations
             if self.update is not None:
                 raise PrunekitError(f"update {self.update.name!r} needs calibration data")
             for index, block in enumerate(lm.adapter.blocks):
