@@ -101,7 +101,8 @@ def plan_update(
     update_cls = get_update(update)
     if not issubclass(method_cls, LayerwiseMethod):
         raise PrunekitError(
-            f"update {update!r} needs a mask method; {method_cls.name!r} is {method_cls.kind}"
+            f"update {update!r} needs a layer-wise mask method; {method_cls.name!r} "
+            f"({method_cls.kind}) is not one"
         )
     return update_cls(update_cls.Config.from_options(options or {}))
 

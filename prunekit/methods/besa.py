@@ -100,7 +100,7 @@ def exact_counts(wanted: list[torch.Tensor], widths: list[int], total: int) -> l
     missing = total - int(counts.sum())
     while missing > 0:
         room = counts < caps
-        order = torch.argsort((scaled - counts).masked_fill(~room, -1.0), descending=True)
+        order = torch.argsort((scaled - counts).masked_fill(~room, float("-inf")), descending=True)
         take = order[: min(missing, int(room.sum()))]
         counts[take] += 1
         missing = total - int(counts.sum())

@@ -53,9 +53,9 @@ class DaSS(LayerwiseMethod):
 
     def run(self, lm: LoadedModel, calib: torch.Tensor | None, request: PruneRequest) -> dict:
         roles = lm.adapter.spec.linears  # MLP width % M is checked by prune()
-        super().run(lm, calib, request)
+        facts = super().run(lm, calib, request)  # e.g. what a weight update did
         mlp = [r for r in INPUT_PROJECTIONS if r in roles]
-        return {"nm_along_output": mlp if request.pattern.is_nm else []}
+        return facts | {"nm_along_output": mlp if request.pattern.is_nm else []}
 
     def prune_block(self, ctx: BlockContext, stats: dict[str, LayerStats], target: Target) -> None:
         roles = ctx.adapter.spec.linears

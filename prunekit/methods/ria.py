@@ -59,11 +59,11 @@ class RIA(LayerwiseMethod):
         self._permuted: set[str] = set()
         if self.config.permute and not request.pattern.is_nm:
             warnings.warn("ria: permute only changes N:M masks; ignored", stacklevel=2)
-        super().run(lm, calib, request)
+        facts = super().run(lm, calib, request)  # e.g. what a weight update did
         if not self._retained:
-            return {}
+            return facts
         permutable = {k: v for k, v in self._retained.items() if k in self._permuted}
-        return {
+        return facts | {
             "permutation": {
                 "applied": bool(permutable),
                 "retained_all_layers": _mean_pair(self._retained),
