@@ -145,7 +145,8 @@ def markdown(payload: dict) -> str:
         f"Calibration: {p['calib']} valid, {p['nsamples']} x {p['seqlen']} tokens, seed "
         f"{p['seed']}. Evaluation: test split, windows of {p['eval_seqlen']} tokens, first "
         f"{p['eval_limit'] or 'all'} windows per dataset (a subset, to fit the CPU budget). "
-        f"OWL: {p['owl']}. Command: `{p['command']}`",
+        f"OWL: {p['owl']}. Protocol flags: `{p['command']}` (the run may be split over "
+        "`--shard` processes; see docs/unstructured.md for the exact commands).",
         "",
     ]
     rows = sorted({(r["method"], r["permute"], r["allocation"]) for r in results.values()})
