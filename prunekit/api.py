@@ -11,15 +11,17 @@ from typing import Any
 import torch
 
 from prunekit.allocation import Allocation, allocate, get_allocation
-from prunekit.data import calibration_windows, check_dataset, load_text
+from prunekit.data import DATASETS, calibration_windows, check_dataset, load_text
 from prunekit.engine.runner import PROPAGATION
 from prunekit.errors import PrunekitError, choice_error
 from prunekit.eval.perplexity import perplexity
+from prunekit.eval.tasks import TASKS, canonical_task
+from prunekit.eval.zeroshot import evaluate_tasks
 from prunekit.export import save_pruned
 from prunekit.masks import SCOPES, Pattern, check_sparsity
-from prunekit.methods import Method, MethodConfig, PruneRequest, get_method
+from prunekit.methods import LayerwiseMethod, Method, MethodConfig, PruneRequest, get_method
 from prunekit.models.adapter import weight_matrix
-from prunekit.models.loading import LoadedModel, load_model
+from prunekit.models.loading import LoadedModel, load_model, load_pruned
 from prunekit.record import (
     PruneRecord,
     count_parameters,
@@ -27,8 +29,18 @@ from prunekit.record import (
     overall_sparsity,
     peak_rss_mb,
 )
+from prunekit.updates import WeightUpdate, get_update
 
-__all__ = ["evaluate", "load_model", "plan_prune", "prune", "save"]
+__all__ = [
+    "check_evaluation_name",
+    "evaluate",
+    "is_zeroshot_task",
+    "load_model",
+    "load_pruned",
+    "plan_prune",
+    "prune",
+    "save",
+]
 
 
 def _check_seqlen(lm: LoadedModel, seqlen: int) -> None:
@@ -59,6 +71,39 @@ class PrunePlan:
     pattern: Pattern
     sparsity: float
     allocation: Allocation
+    update: WeightUpdate | None = None
+
+    def make_method(self) -> Method:
+        """The method instance, carrying the weight update when one is requested."""
+        if self.update is None:
+            return self.method(self.config)
+        return self.method(self.config, update=self.update)
+
+
+def split_method(method: str, update: str = "none") -> tuple[str, str]:
+    """`"wanda+admm"` is shorthand for method "wanda" with update "admm"."""
+    name, plus, suffix = method.partition("+")
+    if not plus:
+        return method, update
+    if update != "none" and update != suffix:
+        raise PrunekitError(f"method {method!r} names update {suffix!r} but update is {update!r}")
+    return name, suffix
+
+
+def plan_update(
+    method_cls: type[Method], update: str, options: dict[str, Any] | None
+) -> WeightUpdate | None:
+    """The requested weight update (None for "none"), checked against the method."""
+    if update == "none":
+        if options:
+            raise PrunekitError("update options given but no update requested (--update)")
+        return None
+    update_cls = get_update(update)
+    if not issubclass(method_cls, LayerwiseMethod):
+        raise PrunekitError(
+            f"update {update!r} needs a mask method; {method_cls.name!r} is {method_cls.kind}"
+        )
+    return update_cls(update_cls.Config.from_options(options or {}))
 
 
 def plan_prune(
@@ -71,8 +116,14 @@ def plan_prune(
     options: dict[str, Any] | None = None,
     propagate: str = "pruned",
     allocation: str | Allocation = "uniform",
+    update: str = "none",
+    update_options: dict[str, Any] | None = None,
 ) -> PrunePlan:
-    """Check everything about a request that does not need the model; one-line errors."""
+    """Check everything about a request that does not need the model; one-line errors.
+
+    `method` may be `"NAME+UPDATE"` (e.g. `"wanda+admm"`), the same as `update="UPDATE"`.
+    """
+    method, update = split_method(method, update)
     method_cls = get_method(method)
     config = method_cls.Config.from_options(options or {})
     parsed = Pattern.parse(pattern)
@@ -100,7 +151,8 @@ def plan_prune(
             f"allocation {alloc.name!r} needs an unstructured pattern; N:M fixes every "
             f"block at {parsed.sparsity:g}"
         )
-    return PrunePlan(method_cls, config, parsed, check_sparsity(sparsity), alloc)
+    weight_update = plan_update(method_cls, update, update_options)
+    return PrunePlan(method_cls, config, parsed, check_sparsity(sparsity), alloc, weight_update)
 
 
 def prune(
@@ -118,6 +170,8 @@ def prune(
     batch_size: int = 8,
     options: dict[str, Any] | None = None,
     propagate: str = "pruned",
+    update: str = "none",
+    update_options: dict[str, Any] | None = None,
 ) -> PruneRecord:
     """Prune `lm.model` in place and return how it was done.
 
@@ -125,9 +179,21 @@ def prune(
     implies it (1 - N/M). `options` are the method's own (`prunekit methods` lists them).
     `allocation` spreads the mean over the blocks: `uniform`, `owl[:m=5,lam=0.08]`,
     `file:PATH.json` (block index -> ratio), or an `Allocation` instance.
+    `update` re-fits the kept weights after the mask ("admm", "alps", "sparsegpt"; or
+    write `method="wanda+admm"`), with `update_options` its own options.
     """
     plan = plan_prune(
-        method, sparsity, pattern, scope, nsamples, calib, options, propagate, allocation
+        method,
+        sparsity,
+        pattern,
+        scope,
+        nsamples,
+        calib,
+        options,
+        propagate,
+        allocation,
+        update,
+        update_options,
     )
     _check_seqlen(lm, seqlen)
     if plan.pattern.is_nm:
@@ -147,7 +213,7 @@ def prune(
     start = time.perf_counter()
     torch.manual_seed(seed)
     windows, calibration = None, None
-    if method_cls.needs_calibration or alloc.needs_calibration:
+    if method_cls.needs_calibration or alloc.needs_calibration or plan.update is not None:
         source = load_text(calib, purpose="calib")
         windows = calibration_windows(lm.tokenizer, source.text, nsamples, seqlen, seed)
         calibration = {
@@ -160,15 +226,16 @@ def prune(
     params_before = count_parameters(lm.model)
     allocated = allocate(alloc, lm, windows, request)
     request.layer_sparsity = allocated.ratios
-    details = method_cls(config).run(lm, windows, request) or {}
+    details = plan.make_method().run(lm, windows, request) or {}
     if alloc.name != "uniform":
         details = {**details, "allocation": allocated.details}
     request_dict = dataclasses.asdict(request)
     request_dict["pattern"] = str(parsed)
     request_dict["allocation"] = alloc.spec
+    request_dict["update"] = plan.update.name if plan.update else "none"
     return PruneRecord(
         source_model=lm.source,
-        method=method,
+        method=method_cls.name,
         config=dataclasses.asdict(config),
         request=request_dict,
         calibration=calibration,
@@ -179,7 +246,21 @@ def prune(
         wall_time_s=time.perf_counter() - start,
         peak_rss_mb=peak_rss_mb(),
         details=details,
+        update=plan.update.describe() if plan.update else None,
     )
+
+
+def is_zeroshot_task(name: str) -> bool:
+    """Whether `name` is a zero-shot task (else a perplexity dataset or text file)."""
+    return canonical_task(name) is not None
+
+
+def check_evaluation_name(name: str) -> None:
+    """Fail with the valid names unless `name` is a zero-shot task, a perplexity dataset
+    or an existing text file."""
+    known = is_zeroshot_task(name) or name in DATASETS
+    if not known and not Path(name).expanduser().is_file():
+        raise choice_error("task", name, [*DATASETS, *TASKS, "<path to a .txt file>"])
 
 
 def evaluate(
@@ -187,17 +268,31 @@ def evaluate(
     tasks: list[str] | tuple[str, ...] = ("wikitext2",),
     seqlen: int = 1024,
     limit: int | None = None,
-    batch_size: int = 1,
+    batch_size: int | None = None,
+    backend: str = "prunekit",
 ) -> dict[str, dict[str, Any]]:
-    """Perplexity on each dataset in `tasks`: `{name: PerplexityResult as dict}`.
+    """Evaluate `lm` on each name in `tasks`: `{name: result dict}`, in the given order.
 
-    `limit` evaluates only the first `limit` windows of each (quick runs).
+    Perplexity datasets (wikitext2, ptb, ... or a .txt path) give a `PerplexityResult`
+    as dict; zero-shot tasks (piqa, arc_easy, ..., `prunekit.eval.tasks.TASKS`) give
+    `{"acc", "acc_norm", "n", ...}` (LAMBADA: `acc`, `perplexity`). `limit` keeps the
+    first `limit` windows of a perplexity dataset and the first `limit` items of a task.
+    `batch_size`: windows (default 1) or packed items (default 16) per forward pass.
+    `backend` scores zero-shot tasks with prunekit or lm-eval's HFLM ("lm-eval").
     """
-    _check_seqlen(lm, seqlen)
+    for task in tasks:
+        check_evaluation_name(task)
+    zeroshot = [t for t in tasks if is_zeroshot_task(t)]
+    if len(zeroshot) < len(tasks):
+        _check_seqlen(lm, seqlen)
+    scored = evaluate_tasks(lm.model, lm.tokenizer, zeroshot, limit, batch_size or 16, backend)
     results = {}
     for task in tasks:
-        result = perplexity(lm.model, lm.tokenizer, task, seqlen, limit, batch_size)
-        results[task] = result.as_dict()
+        if task in scored:
+            results[task] = scored[task]
+        else:
+            result = perplexity(lm.model, lm.tokenizer, task, seqlen, limit, batch_size or 1)
+            results[task] = result.as_dict()
     return results
 
 

@@ -12,10 +12,11 @@ import typer
 
 from prunekit import api
 from prunekit.allocation import ALLOCATIONS
-from prunekit.data import check_dataset
 from prunekit.errors import PrunekitError
+from prunekit.eval.llmkick import format_llmkick, llmkick_view
 from prunekit.export import check_output_dir
 from prunekit.methods import REGISTRY
+from prunekit.updates import UPDATES
 
 app = typer.Typer(
     add_completion=False,
@@ -45,16 +46,50 @@ def _write_json(path: Path | None, payload: dict[str, Any]) -> None:
 
 
 def _print_ppl_table(dense: dict[str, dict], pruned: dict[str, dict] | None) -> None:
+    rows = {name: r for name, r in dense.items() if not api.is_zeroshot_task(name)}
+    if not rows:
+        return
     header = f"{'dataset':<16}{'dense ppl':>12}" + (
         f"{'pruned ppl':>13}{'ratio':>8}" if pruned else ""
     )
     typer.echo(header)
-    for name, result in dense.items():
+    for name, result in rows.items():
         line = f"{name:<16}{result['perplexity']:>12.3f}"
         if pruned:
             p = pruned[name]["perplexity"]
             line += f"{p:>13.3f}{p / result['perplexity']:>8.2f}"
         typer.echo(line)
+
+
+def _print_task_table(dense: dict[str, dict], pruned: dict[str, dict] | None) -> None:
+    """Zero-shot rows: acc and acc_norm (LAMBADA: acc and perplexity), dense beside pruned."""
+    rows = {name: r for name, r in dense.items() if api.is_zeroshot_task(name)}
+    if not rows:
+        return
+
+    def cells(result: dict) -> str:
+        second = result.get("acc_norm", result.get("perplexity", float("nan")))
+        return f"{result['acc']:>8.4f}{second:>10.4g}"
+
+    header = f"{'task':<16}{'n':>6}{'acc':>8}{'norm/ppl':>10}"
+    if pruned:
+        header += f"{'pr. acc':>9}{'norm/ppl':>10}{'retained':>10}"
+    typer.echo(header)
+    for name, result in rows.items():
+        line = f"{name:<16}{result['n']:>6}{cells(result)}"
+        if pruned:
+            after = pruned[name]
+            retained = after["acc"] / result["acc"] if result["acc"] else float("nan")
+            line += f" {cells(after)}{retained:>10.3f}"
+        typer.echo(line)
+
+
+def _print_results(dense: dict[str, dict], pruned: dict[str, dict] | None = None) -> None:
+    _print_ppl_table(dense, pruned)
+    _print_task_table(dense, pruned)
+    if pruned and any(api.is_zeroshot_task(name) for name in dense):
+        typer.echo("\nLLM-Kick view (retained = pruned / dense)")
+        typer.echo(format_llmkick(llmkick_view(dense, pruned)))
 
 
 @app.command()
@@ -77,11 +112,19 @@ def prune(
         "pruned", help="calibrate each block on the pruned or the dense previous outputs"
     ),
     opt: list[str] = typer.Option([], "--opt", help="method option key=value (repeatable)"),
+    update: str = typer.Option("none", help="weight update after the mask: none, admm, alps, ..."),
+    update_opt: list[str] = typer.Option(
+        [], "--update-opt", help="update option key=value (repeatable)"
+    ),
     out: Path | None = typer.Option(None, help="write the pruned model here"),
     overwrite: bool = typer.Option(False, help="replace an existing --out folder"),
-    eval: str = typer.Option("", "--eval", help="datasets to evaluate, e.g. wikitext2,ptb"),
+    eval: str = typer.Option(
+        "", "--eval", help="datasets and zero-shot tasks to evaluate, e.g. wikitext2,piqa"
+    ),
     eval_seqlen: int = typer.Option(1024, help="evaluation window length"),
-    eval_limit: int | None = typer.Option(None, help="evaluate only the first N windows"),
+    eval_limit: int | None = typer.Option(
+        None, help="evaluate only the first N windows / task items"
+    ),
     json_path: Path | None = typer.Option(None, "--json", help="write the run's record here"),
 ) -> None:
     """Prune MODEL and optionally evaluate and save it."""
@@ -90,12 +133,23 @@ def prune(
     options = _parse_options(opt)
     if sparsity is None and pattern == "unstructured":
         sparsity = 0.5
+    update_options = _parse_options(update_opt)
     api.plan_prune(
-        method, sparsity, pattern, scope, nsamples, calib, options, propagate, allocation
+        method,
+        sparsity,
+        pattern,
+        scope,
+        nsamples,
+        calib,
+        options,
+        propagate,
+        allocation,
+        update,
+        update_options,
     )
     tasks = _split(eval)
     for task in tasks:
-        check_dataset(task)
+        api.check_evaluation_name(task)
     lm = api.load_model(model, device="cpu")
     dense = api.evaluate(lm, tasks, eval_seqlen, eval_limit) if tasks else {}
     record = api.prune(
@@ -113,6 +167,8 @@ def prune(
         batch_size=batch_size,
         options=options,
         propagate=propagate,
+        update=update,
+        update_options=update_options,
     )
     if tasks:
         pruned = api.evaluate(lm, tasks, eval_seqlen, eval_limit)
@@ -123,7 +179,7 @@ def prune(
         f"peak RSS {record.peak_rss_mb:.0f} MiB"
     )
     if tasks:
-        _print_ppl_table(dense, record.evaluation["pruned"])
+        _print_results(dense, record.evaluation["pruned"])
     if out is not None:
         api.save(lm, out, record, overwrite)
         typer.echo(f"saved to {out}")
@@ -133,26 +189,90 @@ def prune(
 @app.command("eval")
 def evaluate(
     model: str = typer.Argument(..., help="HF folder, hub id, .gguf file, alias, or pruned dir"),
-    tasks: str = typer.Option("wikitext2", help="comma-separated datasets"),
+    tasks: str = typer.Option(
+        "wikitext2", help="comma-separated perplexity datasets and zero-shot tasks"
+    ),
     seqlen: int = typer.Option(1024, help="evaluation window length"),
-    limit: int | None = typer.Option(None, help="evaluate only the first N windows"),
+    limit: int | None = typer.Option(None, help="evaluate only the first N windows / task items"),
+    batch_size: int | None = typer.Option(
+        None, help="windows (default 1) or task items (default 16) per forward pass"
+    ),
+    backend: str = typer.Option("prunekit", help="zero-shot scorer: prunekit or lm-eval"),
     json_path: Path | None = typer.Option(None, "--json", help="write results here"),
 ) -> None:
-    """Perplexity of MODEL on each dataset."""
+    """Perplexity and zero-shot accuracy of MODEL on each dataset and task."""
     lm = api.load_model(model)
-    results = api.evaluate(lm, _split(tasks), seqlen, limit)
-    _print_ppl_table(results, None)
+    results = api.evaluate(lm, _split(tasks), seqlen, limit, batch_size, backend)
+    _print_results(results)
     _write_json(json_path, {"model": model, "results": results})
 
 
 @app.command()
+def bench(
+    config: Path = typer.Argument(..., help="sweep YAML (see docs/bench.md)"),
+    db: Path = typer.Option(Path("results.sqlite"), help="results store (SQLite) to fill"),
+    executor: str = typer.Option("local", help="local (process per cell), inline, or ray"),
+    ray_address: str | None = typer.Option(None, help="Ray cluster address (default: local)"),
+    ray_cpus: int | None = typer.Option(None, help="CPUs of a local Ray instance"),
+    dry_run: bool = typer.Option(False, help="list the cells and whether they are done"),
+) -> None:
+    """Run the grid of CONFIG; cells already in the store are not run again."""
+    from prunekit.bench import ResultStore, load_config, make_executor, run_sweep
+
+    sweep = load_config(config)
+    runner = None if dry_run else make_executor(executor, ray_address, ray_cpus)
+    with ResultStore(db) as store:
+        if dry_run:
+            done = store.done_keys()
+            for cell in {c.key: c for c in sweep.cells}.values():
+                state = "done" if cell.key in done else "todo"
+                typer.echo(f"{state}  {cell.key[:12]}  {cell.label}")
+            return
+        summary = run_sweep(sweep, store, runner)
+    typer.echo(
+        f"{summary.total} cells: {summary.skipped} already done, {summary.ran} run now, "
+        f"{len(summary.failed)} failed; results in {db}"
+    )
+    for line in summary.failed:
+        typer.echo(f"failed: {line}", err=True)
+    if summary.failed:
+        raise PrunekitError(
+            f"{len(summary.failed)} of {summary.ran} cells failed; the next bench reruns them"
+        )
+
+
+@app.command()
+def report(
+    db: Path = typer.Option(Path("results.sqlite"), help="results store written by bench"),
+    out: Path = typer.Option(..., help="folder for report.md, report.html and the PNGs"),
+    title: str = typer.Option("prunekit sweep report", help="report title"),
+    config: Path | None = typer.Option(None, help="the sweep's YAML: list its cells not run"),
+) -> None:
+    """Render a results store as Markdown and a self-contained HTML page with plots."""
+    from prunekit.bench import load_config
+    from prunekit.bench.report import write_report
+
+    if not db.is_file():
+        raise PrunekitError(f"results store not found: {db}")
+    sweep = load_config(config) if config is not None else None
+    paths = write_report(db, out, title, sweep)
+    typer.echo("wrote " + ", ".join(str(p) for p in paths))
+
+
+@app.command()
 def methods() -> None:
-    """List registered methods with one line each and their options."""
+    """List registered methods and weight updates with one line each and their options."""
     for name in sorted(REGISTRY):
         cls = REGISTRY[name]
         typer.echo(f"{name:<18}[{cls.kind}] {cls.summary}")
         for field in dataclasses.fields(cls.Config):
             typer.echo(f"{'':<20}--opt {field.name}={field.default!r}")
+    typer.echo("\nweight updates (--update NAME, after any unstructured/N:M method):")
+    for name in sorted(UPDATES):
+        cls = UPDATES[name]
+        typer.echo(f"{name:<18}{cls.summary}")
+        for field in dataclasses.fields(cls.Config):
+            typer.echo(f"{'':<20}--update-opt {field.name}={field.default!r}")
 
 
 @app.command()
