@@ -145,7 +145,8 @@ def markdown(payload: dict) -> str:
         f"Calibration: {p['calib']} valid, {p['nsamples']} x {p['seqlen']} tokens, seed "
         f"{p['seed']}. Evaluation: test split, windows of {p['eval_seqlen']} tokens, first "
         f"{p['eval_limit'] or 'all'} windows per dataset (a subset, to fit the CPU budget). "
-        f"OWL: {p['owl']}. Command: `{p['command']}`",
+        f"OWL: {p['owl']}. Protocol flags: `{p['command']}` (the run may be split over "
+        "`--shard` processes; see docs/unstructured.md for the exact commands).",
         "",
     ]
     rows = sorted({(r["method"], r["permute"], r["allocation"]) for r in results.values()})
@@ -242,6 +243,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch threads (1 on a busy host)")
     parser.add_argument("--shard", default="0/1", help="i/n: run every n-th config from the i-th")
     parser.add_argument("--dry-run", action="store_true", help="print the plan only")
+    parser.add_argument(
+        "--permutation-only",
+        action="store_true",
+        help="only prune with RIA 2:4 + permutation and record retained importance (no eval)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     shard, shards = (int(x) for x in args.shard.split("/"))
@@ -249,6 +255,9 @@ def main() -> None:
     methods = [m for m in args.methods.split(",") if m in REGISTRY]
     levels = [v for v in args.sparsities.split(",") if v]
     runs = plan(methods, levels, [a for a in args.allocations.split(",") if a])[shard::shards]
+    if args.permutation_only:
+        permutation_check(args)
+        return
     if args.dry_run:
         print("\n".join(r.key for r in runs))
         return
@@ -309,6 +318,38 @@ def main() -> None:
         result = run_one(run, args, allocations)
         tqdm.write(f"{run.key}: {result['perplexity']} ({result['prune_time_s']:.0f} s prune)")
         sync({run.key: result})
+
+
+def permutation_check(args) -> None:
+    """RIA 2:4 with channel permutation: share of RIA score kept per layer, both orders."""
+    lm = prunekit.load_model(args.model)
+    record = prunekit.prune(
+        lm, "ria", None, "2:4", calib="wikitext2", nsamples=args.nsamples, seqlen=args.seqlen,
+        seed=args.seed, batch_size=args.batch_size, options={"permute": True},
+    )  # fmt: skip
+    perm = record.details["permutation"]
+    by_role: dict[str, list[list[float]]] = {}
+    for layer, pair in perm["retained"].items():
+        by_role.setdefault(layer.split(".", 1)[1], []).append(pair)
+    payload = {
+        "model": args.model,
+        "calibration": {"dataset": "wikitext2", "nsamples": args.nsamples, "seqlen": args.seqlen},
+        "retained_permuted_layers": perm["retained_permuted_layers"],
+        "retained_all_layers": perm["retained_all_layers"],
+        "by_layer_type": {
+            role: {
+                "identity": sum(p[0] for p in pairs) / len(pairs),
+                "permuted": sum(p[1] for p in pairs) / len(pairs),
+                "layers_improved": sum(p[1] > p[0] for p in pairs),
+                "layers": len(pairs),
+            }
+            for role, pairs in by_role.items()
+        },
+        "prune_time_s": record.wall_time_s,
+    }
+    out = RESULTS / f"{args.name}_permutation.json"
+    out.write_text(json.dumps(payload, indent=2) + "\n")
+    print(json.dumps(payload, indent=2))
 
 
 def _comparable(protocol: dict) -> dict:
