@@ -2,8 +2,17 @@
 
 __version__ = "0.1.0"
 
-from prunekit.api import evaluate, prune, save  # noqa: E402
+from prunekit.api import evaluate, load_pruned, prune, save  # noqa: E402
 from prunekit.errors import PrunekitError  # noqa: E402
 from prunekit.models.loading import LoadedModel, load_model  # noqa: E402
 
-__all__ = ["LoadedModel", "PrunekitError", "__version__", "evaluate", "load_model", "prune", "save"]
+__all__ = [
+    "LoadedModel",
+    "PrunekitError",
+    "__version__",
+    "evaluate",
+    "load_model",
+    "load_pruned",
+    "prune",
+    "save",
+]

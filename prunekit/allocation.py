@@ -1,40 +1,132 @@
 """Allocation: how a mean sparsity is spread over the blocks (an axis of its own).
 
-An allocation returns one ratio per block whose mean is the target, or None for uniform.
+An allocation is named by a spec string `NAME[:ARGUMENT]`, e.g. `uniform`,
+`owl:m=5,lam=0.08` or `file:ratios.json`. Each one is a class in `prunekit/allocations/`
+decorated by `@register_allocation`; every module of that package registers on import.
+`Allocation.allocate` returns one sparsity per block (or None for uniform) plus facts
+to record.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import importlib
+import pkgutil
+from dataclasses import asdict, dataclass, field
+from typing import Any, ClassVar
 
 import torch
 
-from prunekit.errors import choice_error
+from prunekit.errors import PrunekitError, choice_error
 from prunekit.methods.base import PruneRequest
 from prunekit.models.loading import LoadedModel
-
-Allocator = Callable[[LoadedModel, "torch.Tensor | None", PruneRequest], "list[float] | None"]
-
-ALLOCATIONS: dict[str, Allocator] = {}
+from prunekit.options import Options, parse_pairs
 
 
-def register_allocation(name: str) -> Callable[[Allocator], Allocator]:
-    def wrap(fn: Allocator) -> Allocator:
-        ALLOCATIONS[name] = fn
-        return fn
-
-    return wrap
+@dataclass
+class AllocationConfig(Options):
+    """Options of an allocation; subclasses add typed fields."""
 
 
-@register_allocation("uniform")
-def uniform(lm: LoadedModel, calib: torch.Tensor | None, request: PruneRequest) -> None:
-    """Every block at the mean sparsity."""
-    return None
+@dataclass
+class Allocated:
+    """Per-block sparsities (None = every block at the mean) and facts to record."""
+
+    ratios: list[float] | None
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+class Allocation:
+    """Spreads `request.sparsity` over the blocks of `lm`."""
+
+    name: ClassVar[str]
+    summary: ClassVar[str]
+    Config: ClassVar[type[AllocationConfig]] = AllocationConfig
+    needs_calibration: ClassVar[bool] = False
+    aliases: ClassVar[dict[str, str]] = {}  # option spellings accepted besides field names
+
+    def __init__(self, config: AllocationConfig | None = None):
+        self.config = config if config is not None else self.Config()
+
+    @classmethod
+    def from_argument(cls, argument: str) -> Allocation:
+        """Build from the text after `NAME:` (default: `key=value,...` options)."""
+        pairs = parse_pairs(argument)
+        options = {cls.aliases.get(k.lower(), k.lower()): v for k, v in pairs.items()}
+        return cls(cls.Config.from_options(options))
+
+    @property
+    def spec(self) -> str:
+        """The spec string that rebuilds this allocation."""
+        options = ",".join(f"{k}={v}" for k, v in asdict(self.config).items())
+        return f"{self.name}:{options}" if options else self.name
+
+    def allocate(
+        self, lm: LoadedModel, calib: torch.Tensor | None, request: PruneRequest
+    ) -> Allocated:
+        raise NotImplementedError
+
+
+ALLOCATIONS: dict[str, type[Allocation]] = {}
+
+
+def register_allocation(cls: type[Allocation]) -> type[Allocation]:
+    """Class decorator: make an allocation available by its `name`."""
+    if cls.name in ALLOCATIONS:
+        raise ValueError(f"allocation {cls.name!r} registered twice")
+    ALLOCATIONS[cls.name] = cls
+    return cls
+
+
+def get_allocation(spec: str | Allocation) -> Allocation:
+    """The Allocation a spec string names (`uniform`, `owl:m=5`, `file:PATH`)."""
+    if isinstance(spec, Allocation):
+        return spec
+    name, _, argument = spec.partition(":")
+    if name not in ALLOCATIONS:
+        raise choice_error("allocation", name, [*sorted(ALLOCATIONS)])
+    return ALLOCATIONS[name].from_argument(argument)
+
+
+def describe(ratios: list[float] | None, sparsity: float) -> dict[str, Any]:
+    """Summary of per-block ratios for the record: the ratios, their mean, min and max."""
+    values = ratios if ratios is not None else [sparsity]
+    return {
+        "ratios": None if ratios is None else [round(r, 8) for r in ratios],
+        "mean": sum(values) / len(values),
+        "min": min(values),
+        "max": max(values),
+    }
 
 
 def allocate(
-    name: str, lm: LoadedModel, calib: torch.Tensor | None, request: PruneRequest
-) -> list[float] | None:
-    if name not in ALLOCATIONS:
-        raise choice_error("allocation", name, ALLOCATIONS)
-    return ALLOCATIONS[name](lm, calib, request)
+    spec: str | Allocation, lm: LoadedModel, calib: torch.Tensor | None, request: PruneRequest
+) -> Allocated:
+    """Per-block sparsities for `request` (checked: one per block, each in [0, 1))."""
+    allocation = get_allocation(spec)
+    result = allocation.allocate(lm, calib, request)
+    if result.ratios is not None:
+        blocks = lm.adapter.num_layers
+        if len(result.ratios) != blocks:
+            raise PrunekitError(
+                f"allocation {allocation.name} gave {len(result.ratios)} ratios "
+                f"for a model with {blocks} blocks"
+            )
+        bad = [r for r in result.ratios if not 0.0 <= r < 1.0]
+        if bad:
+            raise PrunekitError(f"allocation {allocation.name} gave ratios outside [0, 1): {bad}")
+    result.details = {
+        "spec": allocation.spec,
+        **describe(result.ratios, request.sparsity),
+        **result.details,
+    }
+    return result
+
+
+def _register_all() -> None:
+    import prunekit.allocations as package
+
+    for module in pkgutil.iter_modules(package.__path__):
+        importlib.import_module(f"{package.__name__}.{module.name}")
+
+
+_register_all()

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from prunekit.allocation import allocate
+from prunekit.allocation import Allocation, allocate, get_allocation
 from prunekit.data import DATASETS, calibration_windows, check_dataset, load_text
 from prunekit.engine.runner import PROPAGATION
 from prunekit.errors import PrunekitError, choice_error
@@ -19,9 +19,9 @@ from prunekit.eval.tasks import TASKS, canonical_task
 from prunekit.eval.zeroshot import evaluate_tasks
 from prunekit.export import save_pruned
 from prunekit.masks import SCOPES, Pattern, check_sparsity
-from prunekit.methods import Method, MethodConfig, PruneRequest, get_method
+from prunekit.methods import LayerwiseMethod, Method, MethodConfig, PruneRequest, get_method
 from prunekit.models.adapter import weight_matrix
-from prunekit.models.loading import LoadedModel, load_model
+from prunekit.models.loading import LoadedModel, load_model, load_pruned
 from prunekit.record import (
     PruneRecord,
     count_parameters,
@@ -29,12 +29,14 @@ from prunekit.record import (
     overall_sparsity,
     peak_rss_mb,
 )
+from prunekit.updates import WeightUpdate, get_update
 
 __all__ = [
     "check_evaluation_name",
     "evaluate",
     "is_zeroshot_task",
     "load_model",
+    "load_pruned",
     "plan_prune",
     "prune",
     "save",
@@ -68,6 +70,40 @@ class PrunePlan:
     config: MethodConfig
     pattern: Pattern
     sparsity: float
+    allocation: Allocation
+    update: WeightUpdate | None = None
+
+    def make_method(self) -> Method:
+        """The method instance, carrying the weight update when one is requested."""
+        if self.update is None:
+            return self.method(self.config)
+        return self.method(self.config, update=self.update)
+
+
+def split_method(method: str, update: str = "none") -> tuple[str, str]:
+    """`"wanda+admm"` is shorthand for method "wanda" with update "admm"."""
+    name, plus, suffix = method.partition("+")
+    if not plus:
+        return method, update
+    if update != "none" and update != suffix:
+        raise PrunekitError(f"method {method!r} names update {suffix!r} but update is {update!r}")
+    return name, suffix
+
+
+def plan_update(
+    method_cls: type[Method], update: str, options: dict[str, Any] | None
+) -> WeightUpdate | None:
+    """The requested weight update (None for "none"), checked against the method."""
+    if update == "none":
+        if options:
+            raise PrunekitError("update options given but no update requested (--update)")
+        return None
+    update_cls = get_update(update)
+    if not issubclass(method_cls, LayerwiseMethod):
+        raise PrunekitError(
+            f"update {update!r} needs a mask method; {method_cls.name!r} is {method_cls.kind}"
+        )
+    return update_cls(update_cls.Config.from_options(options or {}))
 
 
 def plan_prune(
@@ -79,8 +115,15 @@ def plan_prune(
     calib: str = "wikitext2",
     options: dict[str, Any] | None = None,
     propagate: str = "pruned",
+    allocation: str | Allocation = "uniform",
+    update: str = "none",
+    update_options: dict[str, Any] | None = None,
 ) -> PrunePlan:
-    """Check everything about a request that does not need the model; one-line errors."""
+    """Check everything about a request that does not need the model; one-line errors.
+
+    `method` may be `"NAME+UPDATE"` (e.g. `"wanda+admm"`), the same as `update="UPDATE"`.
+    """
+    method, update = split_method(method, update)
     method_cls = get_method(method)
     config = method_cls.Config.from_options(options or {})
     parsed = Pattern.parse(pattern)
@@ -102,7 +145,14 @@ def plan_prune(
     if propagate not in PROPAGATION:
         raise choice_error("propagation", propagate, PROPAGATION)
     check_dataset(calib)
-    return PrunePlan(method_cls, config, parsed, check_sparsity(sparsity))
+    alloc = get_allocation(allocation)
+    if parsed.is_nm and alloc.name != "uniform":
+        raise PrunekitError(
+            f"allocation {alloc.name!r} needs an unstructured pattern; N:M fixes every "
+            f"block at {parsed.sparsity:g}"
+        )
+    weight_update = plan_update(method_cls, update, update_options)
+    return PrunePlan(method_cls, config, parsed, check_sparsity(sparsity), alloc, weight_update)
 
 
 def prune(
@@ -115,22 +165,41 @@ def prune(
     seqlen: int = 512,
     seed: int = 0,
     scope: str = "row",
-    allocation: str = "uniform",
+    allocation: str | Allocation = "uniform",
     device: str = "cpu",
     batch_size: int = 8,
     options: dict[str, Any] | None = None,
     propagate: str = "pruned",
+    update: str = "none",
+    update_options: dict[str, Any] | None = None,
 ) -> PruneRecord:
     """Prune `lm.model` in place and return how it was done.
 
     `sparsity` is the mean share of weights (or structure) removed; an N:M `pattern`
     implies it (1 - N/M). `options` are the method's own (`prunekit methods` lists them).
+    `allocation` spreads the mean over the blocks: `uniform`, `owl[:m=5,lam=0.08]`,
+    `file:PATH.json` (block index -> ratio), or an `Allocation` instance.
+    `update` re-fits the kept weights after the mask ("admm", "alps", "sparsegpt"; or
+    write `method="wanda+admm"`), with `update_options` its own options.
     """
-    plan = plan_prune(method, sparsity, pattern, scope, nsamples, calib, options, propagate)
+    plan = plan_prune(
+        method,
+        sparsity,
+        pattern,
+        scope,
+        nsamples,
+        calib,
+        options,
+        propagate,
+        allocation,
+        update,
+        update_options,
+    )
     _check_seqlen(lm, seqlen)
     if plan.pattern.is_nm:
         _check_nm_shapes(lm, plan.pattern)
     method_cls, config, parsed, sparsity = plan.method, plan.config, plan.pattern, plan.sparsity
+    alloc = plan.allocation
     request = PruneRequest(
         sparsity=sparsity,
         pattern=parsed,
@@ -144,7 +213,7 @@ def prune(
     start = time.perf_counter()
     torch.manual_seed(seed)
     windows, calibration = None, None
-    if method_cls.needs_calibration or allocation != "uniform":
+    if method_cls.needs_calibration or alloc.needs_calibration or plan.update is not None:
         source = load_text(calib, purpose="calib")
         windows = calibration_windows(lm.tokenizer, source.text, nsamples, seqlen, seed)
         calibration = {
@@ -155,14 +224,18 @@ def prune(
             "windows_sha256": hashlib.sha256(windows.numpy().tobytes()).hexdigest(),
         }
     params_before = count_parameters(lm.model)
-    request.layer_sparsity = allocate(allocation, lm, windows, request)
-    details = method_cls(config).run(lm, windows, request) or {}
+    allocated = allocate(alloc, lm, windows, request)
+    request.layer_sparsity = allocated.ratios
+    details = plan.make_method().run(lm, windows, request) or {}
+    if alloc.name != "uniform":
+        details = {**details, "allocation": allocated.details}
     request_dict = dataclasses.asdict(request)
     request_dict["pattern"] = str(parsed)
-    request_dict["allocation"] = allocation
+    request_dict["allocation"] = alloc.spec
+    request_dict["update"] = plan.update.name if plan.update else "none"
     return PruneRecord(
         source_model=lm.source,
-        method=method,
+        method=method_cls.name,
         config=dataclasses.asdict(config),
         request=request_dict,
         calibration=calibration,
@@ -173,6 +246,7 @@ def prune(
         wall_time_s=time.perf_counter() - start,
         peak_rss_mb=peak_rss_mb(),
         details=details,
+        update=plan.update.describe() if plan.update else None,
     )
 
 

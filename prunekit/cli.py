@@ -11,10 +11,12 @@ from typing import Any
 import typer
 
 from prunekit import api
+from prunekit.allocation import ALLOCATIONS
 from prunekit.errors import PrunekitError
 from prunekit.eval.llmkick import format_llmkick, llmkick_view
 from prunekit.export import check_output_dir
 from prunekit.methods import REGISTRY
+from prunekit.updates import UPDATES
 
 app = typer.Typer(
     add_completion=False,
@@ -97,7 +99,9 @@ def prune(
     sparsity: float | None = typer.Option(None, help="share of weights removed, in [0, 1)"),
     pattern: str = typer.Option("unstructured", help="unstructured, or N:M such as 2:4"),
     scope: str = typer.Option("row", help="unstructured comparison group: row or layer"),
-    allocation: str = typer.Option("uniform", help="per-block sparsity allocation"),
+    allocation: str = typer.Option(
+        "uniform", help="per-block sparsity: uniform, owl[:m=5,lam=0.08], file:PATH.json"
+    ),
     calib: str = typer.Option("wikitext2", help="calibration dataset or text file"),
     nsamples: int = typer.Option(64, help="calibration windows"),
     seqlen: int = typer.Option(512, help="tokens per calibration window"),
@@ -108,6 +112,10 @@ def prune(
         "pruned", help="calibrate each block on the pruned or the dense previous outputs"
     ),
     opt: list[str] = typer.Option([], "--opt", help="method option key=value (repeatable)"),
+    update: str = typer.Option("none", help="weight update after the mask: none, admm, alps, ..."),
+    update_opt: list[str] = typer.Option(
+        [], "--update-opt", help="update option key=value (repeatable)"
+    ),
     out: Path | None = typer.Option(None, help="write the pruned model here"),
     overwrite: bool = typer.Option(False, help="replace an existing --out folder"),
     eval: str = typer.Option(
@@ -125,7 +133,20 @@ def prune(
     options = _parse_options(opt)
     if sparsity is None and pattern == "unstructured":
         sparsity = 0.5
-    api.plan_prune(method, sparsity, pattern, scope, nsamples, calib, options, propagate)
+    update_options = _parse_options(update_opt)
+    api.plan_prune(
+        method,
+        sparsity,
+        pattern,
+        scope,
+        nsamples,
+        calib,
+        options,
+        propagate,
+        allocation,
+        update,
+        update_options,
+    )
     tasks = _split(eval)
     for task in tasks:
         api.check_evaluation_name(task)
@@ -146,6 +167,8 @@ def prune(
         batch_size=batch_size,
         options=options,
         propagate=propagate,
+        update=update,
+        update_options=update_options,
     )
     if tasks:
         pruned = api.evaluate(lm, tasks, eval_seqlen, eval_limit)
@@ -186,12 +209,27 @@ def evaluate(
 
 @app.command()
 def methods() -> None:
-    """List registered methods with one line each and their options."""
+    """List registered methods and weight updates with one line each and their options."""
     for name in sorted(REGISTRY):
         cls = REGISTRY[name]
         typer.echo(f"{name:<18}[{cls.kind}] {cls.summary}")
         for field in dataclasses.fields(cls.Config):
             typer.echo(f"{'':<20}--opt {field.name}={field.default!r}")
+    typer.echo("\nweight updates (--update NAME, after any unstructured/N:M method):")
+    for name in sorted(UPDATES):
+        cls = UPDATES[name]
+        typer.echo(f"{name:<18}{cls.summary}")
+        for field in dataclasses.fields(cls.Config):
+            typer.echo(f"{'':<20}--update-opt {field.name}={field.default!r}")
+
+
+@app.command()
+def allocations() -> None:
+    """List per-block sparsity allocations (`--allocation NAME[:key=value,...]`)."""
+    for name in sorted(ALLOCATIONS):
+        cls = ALLOCATIONS[name]
+        options = ",".join(f"{f.name}={f.default}" for f in dataclasses.fields(cls.Config))
+        typer.echo(f"{name:<18}{cls.summary}" + (f"  [{name}:{options}]" if options else ""))
 
 
 def main() -> None:

@@ -72,6 +72,7 @@ class PruneRecord:
     wall_time_s: float
     peak_rss_mb: float
     details: dict[str, Any] = field(default_factory=dict)
+    update: dict[str, Any] | None = None  # weight update after the mask: {name, config}
     evaluation: dict[str, Any] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=versions)
 

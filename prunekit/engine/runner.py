@@ -13,10 +13,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from prunekit.engine.capture import CapturedInputs, capture_inputs
+from prunekit.engine.capture import BlockCall, CapturedInputs, capture_inputs
 from prunekit.engine.collectors import COLLECTORS, Collector
 from prunekit.errors import choice_error
-from prunekit.models.adapter import ModelAdapter, weight_matrix
+from prunekit.models.adapter import ModelAdapter
 
 LayerStats = dict[str, torch.Tensor]  # collector name -> statistic
 PROPAGATION = ("pruned", "dense")
@@ -41,6 +41,16 @@ class BlockContext:
         """Run the block over all windows: [n, L, H] -> [n, L, H] (on the store device)."""
         inputs = self.inputs if inputs is None else inputs
         return self.runner.run_block(self.index, inputs)
+
+    def apply(
+        self, hidden: torch.Tensor, weights: dict[str, torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """The block on a batch of windows `hidden` [b, L, H], on the device, with autograd.
+
+        `weights` replaces parameters by name for this call only, e.g.
+        `{"mlp.down_proj.weight": masked}` (training masks without touching the block).
+        """
+        return self.runner.call_block(self.index, hidden.to(self.runner.device), weights)
 
     @torch.no_grad()
     def collect(
@@ -67,24 +77,28 @@ class BlockContext:
 def attach_collectors(
     modules: dict[str, nn.Module], names: list[str], device: torch.device | str
 ) -> Iterator[dict[str, dict[str, Collector]]]:
-    """Hook each module so its inputs feed the named collectors while the context is open."""
+    """Hook each module so its inputs feed the named collectors while the context is open.
+
+    Any module works (linears, norms, ...): collectors are sized by the first input seen,
+    so a module that never runs has no entry.
+    """
     collectors: dict[str, dict[str, Collector]] = {}
     handles = []
 
-    def hook(per_layer: dict[str, Collector]):
+    def hook(path: str):
         def fn(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
             x = args[0].detach()
             x = x.reshape(-1, x.shape[-1])
-            for c in per_layer.values():
+            if path not in collectors:
+                width = x.shape[1]
+                collectors[path] = {n: COLLECTORS[n](width, torch.device(device)) for n in names}
+            for c in collectors[path].values():
                 c.update(x)
 
         return fn
 
     for path, module in modules.items():
-        in_features = weight_matrix(module).shape[1]
-        per_layer = {n: COLLECTORS[n](in_features, torch.device(device)) for n in names}
-        collectors[path] = per_layer
-        handles.append(module.register_forward_hook(hook(per_layer)))
+        handles.append(module.register_forward_hook(hook(path)))
     try:
         yield collectors
     finally:
@@ -125,20 +139,46 @@ class SequentialRunner:
         self.batch_size = batch_size
         self.propagate = propagate
         self.progress = progress
+        self.windows = windows
         self.collect = tuple(collect)
         self.captured: CapturedInputs = capture_inputs(adapter, windows, batch_size)
         self.hidden = self.captured.hidden
 
+    def block_call(self, batch_size: int, index: int) -> BlockCall:
+        """Block `index`'s extra arguments for a batch of `batch_size` windows (captured on
+        first use for a size the engine does not run, e.g. a training micro-batch)."""
+        if batch_size not in self.captured.calls:
+            extra = capture_inputs(self.adapter, self.windows[:batch_size], batch_size)
+            self.captured.calls[batch_size] = extra.calls[batch_size]
+        return self.captured.call(batch_size, index).to(self.device)
+
+    def call_block(
+        self, index: int, hidden: torch.Tensor, weights: dict[str, torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """Block `index` on one batch `hidden` [b, L, H] already on the device; `weights`
+        optionally replaces some of its parameters by name for this call."""
+        block = self.adapter.blocks[index]
+        call = self.block_call(hidden.shape[0], index)
+        args = (hidden, *call.args)
+        if weights:
+            out = torch.func.functional_call(block, weights, args, call.kwargs)
+        else:
+            out = block(*args, **call.kwargs)
+        return out[0] if isinstance(out, tuple) else out
+
     @torch.no_grad()
     def run_block(self, index: int, inputs: torch.Tensor) -> torch.Tensor:
-        """Block `index` applied to `inputs` [n, L, H], batch by batch."""
-        block = self.adapter.blocks[index]
-        outputs = torch.empty_like(inputs)
+        """Block `index` applied to `inputs` [n, L, H], batch by batch: [n, L, H'].
+
+        H' may differ from H when a method changes the block's width (SliceGPT).
+        """
+        outputs: torch.Tensor | None = None
         for start in range(0, inputs.shape[0], self.batch_size):
             h = inputs[start : start + self.batch_size].to(self.device)
-            call = self.captured.call(h.shape[0], index).to(self.device)
-            out = block(h, *call.args, **call.kwargs)
-            out = out[0] if isinstance(out, tuple) else out
+            out = self.call_block(index, h)
+            if outputs is None:
+                shape = (inputs.shape[0], *out.shape[1:])
+                outputs = torch.empty(shape, dtype=out.dtype, device=inputs.device)
             outputs[start : start + h.shape[0]] = out.to(outputs.device)
         return outputs
 

@@ -30,11 +30,18 @@ class PerplexityResult:
 
 
 @torch.no_grad()
-def window_nll(model: nn.Module, windows: torch.Tensor, batch_size: int = 1, desc: str = "ppl"):
+def window_nll(
+    model: nn.Module,
+    windows: torch.Tensor,
+    batch_size: int = 1,
+    desc: str = "ppl",
+    progress: bool = True,
+):
     """Sum of token NLL (nats) and token count over `windows` [n, L] (next-token targets)."""
     device = next(model.parameters()).device
     total, count = 0.0, 0
-    for start in tqdm(range(0, windows.shape[0], batch_size), desc=desc, leave=False):
+    starts = range(0, windows.shape[0], batch_size)
+    for start in tqdm(starts, desc=desc, leave=False, disable=not progress):
         batch = windows[start : start + batch_size].to(device)
         logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
         targets = batch[:, 1:]

@@ -8,13 +8,16 @@ A method is one file in `prunekit/methods/` with a class decorated by `@register
   `prune_block` or, more often, `prune_linear`.
 - `ScoreMethod`: a LayerwiseMethod whose mask comes from an importance score per weight
   (magnitude, Wanda, RIA ...); it implements only `score`.
+
+Any LayerwiseMethod takes an optional weight update (`prunekit.updates`, e.g. ADMM): after
+a block's linears are pruned, the update re-fits each linear's kept weights against its
+dense weights using the block's statistics. Methods need not know about it.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, get_type_hints
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from torch import nn
@@ -24,40 +27,15 @@ from prunekit.errors import PrunekitError, choice_error
 from prunekit.masks import Pattern, Target, make_mask
 from prunekit.models.adapter import weight_matrix
 from prunekit.models.loading import LoadedModel
+from prunekit.options import Options
+
+if TYPE_CHECKING:
+    from prunekit.updates.base import WeightUpdate
 
 
 @dataclass
-class MethodConfig:
+class MethodConfig(Options):
     """Options of a method beyond the common ones; subclasses add typed fields."""
-
-    @classmethod
-    def from_options(cls, options: dict[str, Any]) -> MethodConfig:
-        """Build from `{name: value}` (values may be strings from the CLI), checking names."""
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        hints = get_type_hints(cls)
-        values = {}
-        for key, raw in options.items():
-            if key not in fields:
-                valid = ", ".join(fields) or "(none)"
-                raise PrunekitError(f"unknown option {key!r}; valid: {valid}")
-            values[key] = _coerce(key, raw, hints[key])
-        return cls(**values)
-
-
-def _coerce(key: str, raw: Any, hint: Any) -> Any:
-    if not isinstance(raw, str):
-        return raw
-    kind = hint if isinstance(hint, type) else None
-    try:
-        if kind is bool:
-            if raw.lower() not in ("1", "0", "true", "false", "yes", "no"):
-                raise ValueError(raw)
-            return raw.lower() in ("1", "true", "yes")
-        if kind in (int, float):
-            return kind(raw)
-    except ValueError:
-        raise PrunekitError(f"option {key!r} needs a {kind.__name__}, got {raw!r}") from None
-    return raw
 
 
 @dataclass
@@ -105,27 +83,65 @@ class Method:
 
 
 class LayerwiseMethod(Method):
-    """Driven block by block by the sequential engine; statistics named in `needs`."""
+    """Driven block by block by the sequential engine; statistics named in `needs`.
+
+    `update`, when given, runs after `prune_block` on every linear of the block.
+    """
 
     needs: ClassVar[tuple[str, ...]] = ()
 
+    def __init__(self, config: MethodConfig | None = None, update: WeightUpdate | None = None):
+        super().__init__(config)
+        self.update = update
+
+    def statistics(self) -> list[str]:
+        """Collectors the method and its update need, each once."""
+        extra = self.update.needs if self.update is not None else ()
+        return list(dict.fromkeys((*self.needs, *extra)))
+
     def run(self, lm: LoadedModel, calib: torch.Tensor | None, request: PruneRequest) -> dict:
-        if calib is None:  # data-free: walk the blocks without activations
+        if calib is None or (not self.needs_calibration and self.update is None):
+            # data-free: walk the blocks without activations
+            if self.update is not None:
+                raise PrunekitError(f"update {self.update.name!r} needs calibration data")
             for index, block in enumerate(lm.adapter.blocks):
                 for path, module in lm.adapter.linears(block).items():
                     self.prune_linear(module, {}, request.target(index), path)
-            return {}
+            return self.details()
         runner = SequentialRunner(
             lm.adapter,
             calib,
             device=request.device,
             batch_size=request.batch_size,
             propagate=request.propagate,
-            collect=self.needs,
+            collect=tuple(self.statistics()),
         )
+        errors: list[dict[str, float]] = []
         for ctx in runner:
+            linears = ctx.linears()
+            dense = {p: weight_matrix(m).clone() for p, m in linears.items()} if self.update else {}
             self.prune_block(ctx, ctx.stats, request.target(ctx.index))
+            for path, weight in dense.items():
+                errors.append(self.update.apply(linears[path], weight, ctx.stats[path]))
+        return {**self.details(), **self.update_facts(errors)}
+
+    def details(self) -> dict:
+        """Method-specific facts gathered while pruning, for the record (override)."""
         return {}
+
+    def update_facts(self, errors: list[dict[str, float]]) -> dict:
+        """What the update did, for the record: mean relative layer errors before/after."""
+        if self.update is None or not errors:
+            return {}
+        mean = {key: sum(e[key] for e in errors) / len(errors) for key in ("before", "after")}
+        return {
+            "update": {
+                "name": self.update.name,
+                "layers": len(errors),
+                "mean_relative_error_before": mean["before"],
+                "mean_relative_error_after": mean["after"],
+            }
+        }
 
     def prune_block(self, ctx: BlockContext, stats: dict[str, LayerStats], target: Target) -> None:
         """Prune every linear of the block; override for block-level dependencies."""

@@ -76,12 +76,22 @@ def _block_mask(scores: torch.Tensor, target: Target, count: int) -> torch.Tenso
 
 
 def sparsegpt_prune(
-    weight: torch.Tensor, hessian: torch.Tensor, target: Target, blocksize: int, percdamp: float
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    target: Target,
+    blocksize: int,
+    percdamp: float,
+    mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, float]:
-    """Pruned and updated copy of `weight` [out, in] given H [in, in]; also the damping used."""
+    """Pruned and updated copy of `weight` [out, in] given H [in, in]; also the damping used.
+
+    With `mask` [out, in] (True = kept) the pruned positions are given rather than chosen
+    and only the OBS update runs (weights of dead inputs are then left as they are).
+    """
     w = weight.float().clone()
     rows, cols = w.shape
-    upper, damp = inverse_hessian_factor(prepare_hessian(hessian.float(), w), percdamp)
+    scratch = w if mask is None else w.clone()
+    upper, damp = inverse_hessian_factor(prepare_hessian(hessian.float(), scratch), percdamp)
     n, m = target.pattern.n, target.pattern.m
     if m:
         blocksize = max(m, blocksize // m * m)
@@ -91,13 +101,15 @@ def sparsegpt_prune(
         u1 = upper[i1:i2, i1:i2]
         diag = torch.diag(u1)
         err = torch.zeros_like(w1)
-        if m:
+        if mask is not None:
+            pruned = ~mask[:, i1:i2]
+        elif m:
             pruned = torch.zeros_like(w1, dtype=torch.bool)
         else:
             count = _block_prune_counts(target, rows, i1, i2)
             pruned = _block_mask(w1.pow(2) / diag.pow(2), target, count)
         for i in range(i2 - i1):
-            if m and i % m == 0:
+            if m and mask is None and i % m == 0:
                 group = w1[:, i : i + m].pow(2) / diag[i : i + m].pow(2)
                 drop = torch.topk(group, m - n, dim=1, largest=False).indices
                 pruned[:, i : i + m].scatter_(1, drop, True)

@@ -24,6 +24,15 @@ class FamilySpec:
     attention projections), qkv (fused attention input), gate, up, down (GLU MLP),
     gate_up (fused GLU input); a plain MLP uses up (fc1) and down (fc2).
     `glu` is True when the MLP is act(gate(x)) * up(x).
+    `norm_kind` says how the residual-stream norms scale: "rms" (x / rms(x) · w),
+    "rms_offset" (x / rms(x) · (1 + w), Gemma) or "layer" (LayerNorm with bias).
+    `output_norms` is True when sublayer outputs are normalised before the residual add
+    (Gemma 2/3), so the residual stream is not only touched by pre-norms.
+    `qkv_layout` says how a fused qkv linear orders its output rows: "stacked" is
+    [all q | all k | all v] (GPT-2, Phi-3), "per_head" is [q_h, k_h, v_h] for each head
+    h (GPT-NeoX). `heads_removable` is False where the attention slices its fused
+    projection by the config's head counts (shared by all layers), so surgery cannot
+    give one layer fewer heads.
     """
 
     model_types: tuple[str, ...]
@@ -33,6 +42,10 @@ class FamilySpec:
     linears: dict[str, str]
     norms: dict[str, str] = field(default_factory=dict)
     glu: bool = True
+    norm_kind: str = "rms"
+    output_norms: bool = False
+    qkv_layout: str = ""
+    heads_removable: bool = True
 
 
 def get_path(root: nn.Module, path: str) -> nn.Module:
@@ -57,6 +70,11 @@ def weight_matrix(module: nn.Module) -> torch.Tensor:
     if isinstance(module, Conv1D):
         return module.weight.data.t()
     return module.weight.data
+
+
+def as_weight_parameter(module: nn.Module, matrix: torch.Tensor) -> torch.Tensor:
+    """An [out, in] matrix in the layout of `module.weight` (transposed for `Conv1D`)."""
+    return matrix.t() if isinstance(module, Conv1D) else matrix
 
 
 def set_weight_matrix(module: nn.Module, weight: torch.Tensor) -> None:
@@ -106,6 +124,24 @@ class ModelAdapter:
 
     def norm(self, block: nn.Module, role: str) -> nn.Module:
         return get_path(block, self.spec.norms[role])
+
+    def set_norm(self, block: nn.Module, role: str, module: nn.Module) -> None:
+        set_path(block, self.spec.norms[role], module)
+
+    def norm_scale(self, norm: nn.Module) -> torch.Tensor:
+        """Per-channel scale an RMS norm applies after normalising: [hidden] (float32)."""
+        scale = norm.weight.data.float()
+        return scale + 1 if self.spec.norm_kind == "rms_offset" else scale
+
+    @staticmethod
+    def norm_eps(norm: nn.Module) -> float:
+        return float(getattr(norm, "variance_epsilon", None) or norm.eps)
+
+    def set_final_norm(self, module: nn.Module) -> None:
+        set_path(self.model, self.spec.final_norm, module)
+
+    def set_embed(self, module: nn.Module) -> None:
+        set_path(self.model, self.spec.embed, module)
 
     # -- geometry --------------------------------------------------------------------
     @property

@@ -20,12 +20,21 @@ _LLAMA_NORMS = {"attn": "input_layernorm", "mlp": "post_attention_layernorm"}
 
 FAMILIES: tuple[FamilySpec, ...] = (
     FamilySpec(
-        model_types=("llama", "mistral", "qwen2", "qwen3", "gemma"),
+        model_types=("llama", "mistral", "qwen2", "qwen3"),
         blocks="model.layers",
         final_norm="model.norm",
         embed="model.embed_tokens",
         linears=_LLAMA_LINEARS,
         norms=_LLAMA_NORMS,
+    ),
+    FamilySpec(
+        model_types=("gemma",),
+        blocks="model.layers",
+        final_norm="model.norm",
+        embed="model.embed_tokens",
+        linears=_LLAMA_LINEARS,
+        norms=_LLAMA_NORMS,
+        norm_kind="rms_offset",
     ),
     FamilySpec(
         model_types=("gemma2", "gemma3_text"),
@@ -34,6 +43,8 @@ FAMILIES: tuple[FamilySpec, ...] = (
         embed="model.embed_tokens",
         linears=_LLAMA_LINEARS,
         norms={**_LLAMA_NORMS, "mlp": "pre_feedforward_layernorm"},
+        norm_kind="rms_offset",
+        output_norms=True,
     ),
     FamilySpec(
         model_types=("phi3",),
@@ -47,6 +58,8 @@ FAMILIES: tuple[FamilySpec, ...] = (
             "down": "mlp.down_proj",
         },
         norms=_LLAMA_NORMS,
+        qkv_layout="stacked",
+        heads_removable=False,
     ),
     FamilySpec(
         model_types=("opt",),
@@ -63,6 +76,7 @@ FAMILIES: tuple[FamilySpec, ...] = (
         },
         norms={"attn": "self_attn_layer_norm", "mlp": "final_layer_norm"},
         glu=False,
+        norm_kind="layer",
     ),
     FamilySpec(
         model_types=("gpt_neox",),
@@ -77,6 +91,8 @@ FAMILIES: tuple[FamilySpec, ...] = (
         },
         norms={"attn": "input_layernorm", "mlp": "post_attention_layernorm"},
         glu=False,
+        norm_kind="layer",
+        qkv_layout="per_head",
     ),
     FamilySpec(
         model_types=("gpt2",),
@@ -86,6 +102,8 @@ FAMILIES: tuple[FamilySpec, ...] = (
         linears={"qkv": "attn.c_attn", "o": "attn.c_proj", "up": "mlp.c_fc", "down": "mlp.c_proj"},
         norms={"attn": "ln_1", "mlp": "ln_2"},
         glu=False,
+        norm_kind="layer",
+        qkv_layout="stacked",
     ),
 )
 

@@ -124,11 +124,13 @@ def load_model(
 ) -> LoadedModel:
     """Load `source` (HF folder, hub id, .gguf file, or alias) for pruning.
 
-    A folder written by prunekit with per-layer widths is loaded through
-    `prunekit.load_pruned`; this function handles standard checkpoints.
+    A folder written by prunekit with per-layer widths or sliced by SliceGPT is handed
+    to `load_pruned`.
     """
     hf_logging.disable_progress_bar()  # prunekit shows its own progress
     where, extra = _resolve(source)
+    if is_per_layer_folder(where) or is_sliced_folder(where):
+        return load_pruned(where, dtype=dtype, device=device)
     if "gguf_file" not in extra:
         family_of(_read_model_type(where, extra))  # fails early, naming supported ones
     try:
@@ -140,3 +142,61 @@ def load_model(
     _forget_gguf(model)
     model.to(device).eval()
     return LoadedModel(model=model, tokenizer=tokenizer, adapter=adapter_for(model), source=source)
+
+
+def _config_has(where: str | Path, key: str) -> bool:
+    config_file = Path(where) / "config.json"
+    return config_file.is_file() and key in json.loads(config_file.read_text())
+
+
+def is_per_layer_folder(where: str | Path) -> bool:
+    """True for a folder prunekit wrote with per-layer widths (`prunekit_layers` in config)."""
+    return _config_has(where, "prunekit_layers")
+
+
+def is_sliced_folder(where: str | Path) -> bool:
+    """True for a folder written after SliceGPT (`sliced_hidden_size` in config)."""
+    return _config_has(where, "sliced_hidden_size")
+
+
+def _sliced_class(config: object, path: str | Path) -> type:
+    """prunekit's copy of the sliced class the folder's `auto_map` names."""
+    from prunekit.models import sliced_modeling
+
+    name = config.auto_map["AutoModelForCausalLM"].rpartition(".")[2]
+    if not hasattr(sliced_modeling, name):
+        raise PrunekitError(f"{path} needs sliced model class {name}, unknown to this prunekit")
+    return getattr(sliced_modeling, name)
+
+
+def load_pruned(
+    path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+) -> LoadedModel:
+    """Load a folder written by prunekit, standard or per-layer widths, without running
+    the folder's code (the per-layer class is prunekit's own copy of `modeling_prunekit.py`).
+    """
+    import transformers
+
+    from prunekit.models.pruned_modeling import pruned_class
+
+    folder = Path(path).expanduser()
+    if not (folder / "config.json").is_file():
+        raise PrunekitError(f"{path} is not a model folder (no config.json)")
+    config = AutoConfig.from_pretrained(folder)
+    family_of(config.model_type)
+    if is_sliced_folder(folder):
+        model = _sliced_class(config, path).from_pretrained(folder, config=config, dtype=dtype)
+    elif not is_per_layer_folder(folder):
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    else:
+        base = getattr(transformers, config.prunekit_base_class, None)
+        if base is None:
+            raise PrunekitError(
+                f"{path} needs transformers class {config.prunekit_base_class}, "
+                f"missing in transformers {transformers.__version__}"
+            )
+        model = pruned_class(base).from_pretrained(folder, config=config, dtype=dtype)
+    has_tokenizer = any((folder / f).exists() for f in ("tokenizer.json", "tokenizer_config.json"))
+    tokenizer = AutoTokenizer.from_pretrained(folder) if has_tokenizer else None
+    model.to(device).eval()
+    return LoadedModel(model, tokenizer, adapter_for(model), source=str(path))

@@ -1,0 +1,1 @@
+"""Allocation modules; each registers itself with `prunekit.allocation` on import."""

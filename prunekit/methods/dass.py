@@ -1,0 +1,71 @@
+"""DaSS (Guo et al., 2024): dependency-aware semi-structured sparsity for MLPs.
+
+Every output channel i of the MLP's input projections (gate and up, fused gate_up, or
+fc1 of a plain MLP) produces one intermediate channel Z_i, which down (fc2) reads as its
+input column i. DaSS scores those weights by their magnitude and the intermediate
+activation norm of the channel they feed:
+
+    gate/up:  score_ij = |W_ij| · ‖Z_i‖₂^alpha       (alpha = 0.5 as in the reference)
+    down:     score_ij = |W_ij| · ‖Z_j‖₂             (Wanda on the intermediate)
+
+and compares gate/up weights across output channels: per input column for unstructured
+masks, and in N:M groups of consecutive output channels (so gate/up masks are N:M along
+the output dimension, i.e. Wᵀ is N:M, as in the paper). Attention layers use Wanda.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from prunekit.engine.runner import BlockContext, LayerStats
+from prunekit.masks import Target, make_mask
+from prunekit.methods.base import LayerwiseMethod, MethodConfig, PruneRequest, register
+from prunekit.models.adapter import weight_matrix
+from prunekit.models.loading import LoadedModel
+
+INPUT_PROJECTIONS = ("gate", "up", "gate_up")
+
+
+@dataclass
+class DaSSConfig(MethodConfig):
+    alpha: float = 0.5  # exponent of the intermediate activation norm for gate/up
+
+
+def input_projection_scores(weight: torch.Tensor, inter_norm: torch.Tensor, alpha: float):
+    """DaSS scores of a gate/up weight [k · I, H] from ‖Z‖ [I]: [k · I, H]."""
+    channel = inter_norm.float().pow(alpha).repeat(weight.shape[0] // inter_norm.numel())
+    return weight.abs().float() * channel.unsqueeze(1)
+
+
+def input_projection_mask(scores: torch.Tensor, target: Target) -> torch.Tensor:
+    """Mask comparing across output channels: per column, or N:M along the output axis."""
+    return make_mask(scores.t(), target).t()
+
+
+@register
+class DaSS(LayerwiseMethod):
+    name = "dass"
+    summary = "MLP weights scored with their intermediate channel's activation norm"
+    needs = ("input_norm",)
+    Config = DaSSConfig
+
+    def run(self, lm: LoadedModel, calib: torch.Tensor | None, request: PruneRequest) -> dict:
+        roles = lm.adapter.spec.linears  # MLP width % M is checked by prune()
+        super().run(lm, calib, request)
+        mlp = [r for r in INPUT_PROJECTIONS if r in roles]
+        return {"nm_along_output": mlp if request.pattern.is_nm else []}
+
+    def prune_block(self, ctx: BlockContext, stats: dict[str, LayerStats], target: Target) -> None:
+        roles = ctx.adapter.spec.linears
+        inter = stats[roles["down"]]["input_norm"] if "down" in roles else None
+        for path, module in ctx.linears().items():
+            weight = weight_matrix(module)
+            if inter is not None and ctx.adapter.role(path) in INPUT_PROJECTIONS:
+                scores = input_projection_scores(weight, inter.to(weight.device), self.config.alpha)
+                mask = input_projection_mask(scores, target)
+            else:
+                norm = stats[path]["input_norm"].to(weight.device)
+                mask = make_mask(weight.abs().float() * norm.unsqueeze(0), target)
+            weight.mul_(mask)
