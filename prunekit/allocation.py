@@ -16,10 +16,11 @@ from typing import Any, ClassVar
 
 import torch
 
-from prunekit.errors import PrunekitError, choice_error
+from prunekit.errors import PrunekitError
 from prunekit.methods.base import PruneRequest
 from prunekit.models.loading import LoadedModel
 from prunekit.options import Options, parse_pairs
+from prunekit.registry import Registry
 
 
 @dataclass
@@ -66,15 +67,8 @@ class Allocation:
         raise NotImplementedError
 
 
-ALLOCATIONS: dict[str, type[Allocation]] = {}
-
-
-def register_allocation(cls: type[Allocation]) -> type[Allocation]:
-    """Class decorator: make an allocation available by its `name`."""
-    if cls.name in ALLOCATIONS:
-        raise ValueError(f"allocation {cls.name!r} registered twice")
-    ALLOCATIONS[cls.name] = cls
-    return cls
+ALLOCATIONS: Registry[type[Allocation]] = Registry("allocation")
+register_allocation = ALLOCATIONS.register
 
 
 def get_allocation(spec: str | Allocation) -> Allocation:
@@ -82,9 +76,7 @@ def get_allocation(spec: str | Allocation) -> Allocation:
     if isinstance(spec, Allocation):
         return spec
     name, _, argument = spec.partition(":")
-    if name not in ALLOCATIONS:
-        raise choice_error("allocation", name, [*sorted(ALLOCATIONS)])
-    return ALLOCATIONS[name].from_argument(argument)
+    return ALLOCATIONS.lookup(name).from_argument(argument)
 
 
 def describe(ratios: list[float] | None, sparsity: float) -> dict[str, Any]:

@@ -23,11 +23,12 @@ import torch
 from torch import nn
 
 from prunekit.engine.runner import BlockContext, LayerStats, SequentialRunner
-from prunekit.errors import PrunekitError, choice_error
+from prunekit.errors import PrunekitError
 from prunekit.masks import Pattern, Target, make_mask
 from prunekit.models.adapter import weight_matrix
 from prunekit.models.loading import LoadedModel
 from prunekit.options import Options
+from prunekit.registry import Registry
 
 if TYPE_CHECKING:
     from prunekit.updates.base import WeightUpdate
@@ -164,18 +165,6 @@ class ScoreMethod(LayerwiseMethod):
         weight.mul_(make_mask(self.score(weight.float(), stats), target))
 
 
-REGISTRY: dict[str, type[Method]] = {}
-
-
-def register(cls: type[Method]) -> type[Method]:
-    """Class decorator: make a method available by its `name`."""
-    if cls.name in REGISTRY:
-        raise ValueError(f"method {cls.name!r} registered twice")
-    REGISTRY[cls.name] = cls
-    return cls
-
-
-def get_method(name: str) -> type[Method]:
-    if name not in REGISTRY:
-        raise choice_error("method", name, sorted(REGISTRY))
-    return REGISTRY[name]
+REGISTRY: Registry[type[Method]] = Registry("method")
+register = REGISTRY.register
+get_method = REGISTRY.lookup

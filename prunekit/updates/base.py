@@ -17,9 +17,9 @@ import torch
 from torch import nn
 
 from prunekit.engine.runner import LayerStats
-from prunekit.errors import choice_error
 from prunekit.methods.base import MethodConfig
 from prunekit.models.adapter import set_weight_matrix, weight_matrix
+from prunekit.registry import Registry
 
 
 @dataclass
@@ -68,18 +68,6 @@ class WeightUpdate:
         }
 
 
-UPDATES: dict[str, type[WeightUpdate]] = {}
-
-
-def register_update(cls: type[WeightUpdate]) -> type[WeightUpdate]:
-    """Class decorator: make a weight update available by its `name`."""
-    if cls.name in UPDATES:
-        raise ValueError(f"update {cls.name!r} registered twice")
-    UPDATES[cls.name] = cls
-    return cls
-
-
-def get_update(name: str) -> type[WeightUpdate]:
-    if name not in UPDATES:
-        raise choice_error("update", name, ["none", *sorted(UPDATES)])
-    return UPDATES[name]
+UPDATES: Registry[type[WeightUpdate]] = Registry("update", extra_valid=("none",))
+register_update = UPDATES.register
+get_update = UPDATES.lookup
