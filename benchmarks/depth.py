@@ -36,12 +36,12 @@ RESULTS = Path(__file__).resolve().parent / "results"
 ROWS = [  # (label, method, options), cheapest first; SLEB (O(n²) per removal) last
     ("ShortGPT", "shortgpt", {}),
     ("angular (last token)", "angular", {}),
-    ("Shortened LLaMA (Taylor+)", "shortened-llama", {"criterion": "taylor"}),
-    ("Shortened LLaMA (PPL)", "shortened-llama", {"criterion": "ppl"}),
+    ("Shortened LLaMA (Taylor+)", "shortened_llama", {"criterion": "taylor"}),
+    ("Shortened LLaMA (PPL)", "shortened_llama", {"criterion": "ppl"}),
     ("LaCo", "laco", {"scores": False}),
     ("SLEB", "sleb", {}),
 ]
-PREFIX_CONSISTENT = ("shortgpt", "sleb", "shortened-llama")
+PREFIX_CONSISTENT = ("shortgpt", "sleb", "shortened_llama")
 
 
 def parse_args() -> argparse.Namespace:
@@ -92,7 +92,7 @@ def prune_runs(args, ratios: list[float], num_blocks: int, rows, report: dict) -
     """Prune and evaluate every (method, ratio); appends to report["runs"] and saves."""
     for label, method, options in rows:
         options = dict(options)
-        if method in ("sleb", "shortened-llama", "laco"):
+        if method in ("sleb", "shortened_llama", "laco"):
             options["eval_windows"] = args.eval_windows
         prefix = method in PREFIX_CONSISTENT
         for ratio in [max(ratios)] if prefix else ratios:

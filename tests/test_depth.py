@@ -23,9 +23,9 @@ DEPTH_METHODS = [
     ("angular", {}),
     ("angular", {"tokens": "all"}),
     ("sleb", {"eval_windows": 4}),
-    ("shortened-llama", {"eval_windows": 4}),
+    ("shortened_llama", {"eval_windows": 4}),
     (
-        "shortened-llama",
+        "shortened_llama",
         {"criterion": "taylor", "eval_windows": 4, "keep_first": 1, "keep_last": 1},
     ),
     ("laco", {"eval_windows": 4, "merge": 2}),
@@ -230,11 +230,11 @@ def test_blocks_option_overrides_sparsity(stories, calib):
 
 def test_taylor_plus_keeps_the_ends(stories, calib):
     options = {"criterion": "taylor", "eval_windows": 2, "keep_first": 2, "keep_last": 2}
-    details = _prune(stories, "shortened-llama", options, calib, sparsity=0.2)
+    details = _prune(stories, "shortened_llama", options, calib, sparsity=0.2)
     assert details["removed_blocks"] == [2]  # the only block not protected
     with pytest.raises(prunekit.PrunekitError, match="leaving 0 candidates"):
         _prune(
-            prunekit.load_model("stories260k"), "shortened-llama", {"criterion": "taylor"}, calib
+            prunekit.load_model("stories260k"), "shortened_llama", {"criterion": "taylor"}, calib
         )
 
 
@@ -242,7 +242,7 @@ def test_taylor_plus_keeps_the_ends(stories, calib):
     ("method", "options", "message"),
     [
         ("angular", {"tokens": "middle"}, "unknown tokens mode 'middle'; valid: last, all"),
-        ("shortened-llama", {"criterion": "grad"}, "unknown criterion 'grad'; valid: ppl, taylor"),
+        ("shortened_llama", {"criterion": "grad"}, "unknown criterion 'grad'; valid: ppl, taylor"),
         ("laco", {"merge": 1}, "merge must be >= 2"),
         ("shortgpt", {"blocks": 5}, "removing 5 of 5 blocks leaves none"),
     ],

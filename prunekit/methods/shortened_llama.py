@@ -72,7 +72,7 @@ class ShortenedLlamaConfig(DepthConfig):
 
 @register
 class ShortenedLlama(DepthMethod):
-    name = "shortened-llama"
+    name = "shortened_llama"
     summary = "Shortened LLaMA: one-shot removal by block PPL or Taylor+ importance"
     Config = ShortenedLlamaConfig
 
