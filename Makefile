@@ -24,7 +24,7 @@ lint: install
 
 demo: install
 	@echo "demo: Wanda 50% on SmolLM2-135M with 32 calibration windows of 256 tokens and the first 40"
-	@echo "      WikiText-2 test windows of 512 tokens (the benchmark uses 64 x 512 and the whole test set)"
+	@echo "      WikiText-2 test windows of 512 tokens (the core benchmark protocol: 64 x 512 and the whole test set)"
 	$(VENV)/bin/prunekit prune smollm2-135m --method wanda --sparsity 0.5 \
 		--nsamples 32 --seqlen 256 --eval wikitext2 --eval-seqlen 512 --eval-limit 40 \
 		--out out/smollm2-wanda50 --overwrite --json out/smollm2-wanda50.json
