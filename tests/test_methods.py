@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from helpers import quick_prune as _prune
 from tiny_models import CONFIGS, tiny_model
 from transformers import AutoModelForCausalLM
 
@@ -21,19 +22,6 @@ from prunekit.models.adapter import weight_matrix
 
 METHODS = ["magnitude", "wanda", "sparsegpt"]
 PATTERNS = ["unstructured", "2:4", "1:4"]
-
-
-def _prune(lm, method, pattern, sparsity=0.5, **kw):
-    return prunekit.prune(
-        lm,
-        method,
-        sparsity=sparsity if pattern == "unstructured" else None,
-        pattern=pattern,
-        calib="tinyshakespeare",
-        nsamples=8,
-        seqlen=64,
-        **kw,
-    )
 
 
 @pytest.mark.parametrize("pattern", PATTERNS)

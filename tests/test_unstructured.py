@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import quick_prune as _prune
 from tiny_models import tiny_model
 from transformers import AutoModelForCausalLM
 
@@ -34,19 +35,6 @@ from prunekit.permutation import (
 
 MLP_INPUTS = ("gate", "up", "gate_up")
 OWL = get_allocation("owl")  # one instance: its dense outlier pass is reused across tests
-
-
-def _prune(lm, method, pattern="unstructured", sparsity=0.5, **kw):
-    return prunekit.prune(
-        lm,
-        method,
-        sparsity=sparsity if pattern == "unstructured" else None,
-        pattern=pattern,
-        calib="tinyshakespeare",
-        nsamples=8,
-        seqlen=64,
-        **kw,
-    )
 
 
 def _weights(lm):

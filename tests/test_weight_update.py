@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import quick_prune as _prune
 from tiny_models import tiny_model
 
 import prunekit
@@ -37,19 +38,6 @@ def _run(lm, spec, calib, pattern="unstructured", sparsity=0.5, scope="row", **k
     plan = prunekit.api.plan_prune(spec, sparsity, pattern, scope, **kw)
     request = PruneRequest(sparsity=plan.sparsity, pattern=plan.pattern, scope=scope)
     return plan.make_method().run(lm, calib, request)
-
-
-def _prune(lm, method, pattern="unstructured", sparsity=0.5, **kw):
-    return prunekit.prune(
-        lm,
-        method,
-        sparsity=sparsity if pattern == "unstructured" else None,
-        pattern=pattern,
-        calib="tinyshakespeare",
-        nsamples=8,
-        seqlen=64,
-        **kw,
-    )
 
 
 def _weights(lm):
