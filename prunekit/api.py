@@ -37,8 +37,10 @@ __all__ = [
     "is_zeroshot_task",
     "load_model",
     "load_pruned",
+    "needs_calibration",
     "plan_prune",
     "prune",
+    "run_plan",
     "save",
 ]
 
@@ -62,9 +64,22 @@ def _check_nm_shapes(lm: LoadedModel, pattern: Pattern) -> None:
                 )
 
 
+def needs_calibration(
+    method_cls: type[Method],
+    allocation: Allocation | type[Allocation],
+    update: WeightUpdate | None = None,
+) -> bool:
+    """Whether a run of `method_cls` with this allocation and update reads calibration data."""
+    return method_cls.needs_calibration or allocation.needs_calibration or update is not None
+
+
 @dataclasses.dataclass(frozen=True)
 class PrunePlan:
-    """A validated pruning request, checked before any model is loaded."""
+    """A validated pruning request, checked before any model is loaded.
+
+    It holds what decides the pruning itself; `run_plan` adds how it runs (calibration
+    window length, seed, device, batch size).
+    """
 
     method: type[Method]
     config: MethodConfig
@@ -72,12 +87,33 @@ class PrunePlan:
     sparsity: float
     allocation: Allocation
     update: WeightUpdate | None = None
+    scope: str = "row"
+    propagate: str = "pruned"
+    calib: str = "wikitext2"
+    nsamples: int = 64
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether the method, the allocation or the update reads calibration windows."""
+        return needs_calibration(self.method, self.allocation, self.update)
 
     def make_method(self) -> Method:
         """The method instance, carrying the weight update when one is requested."""
         if self.update is None:
             return self.method(self.config)
         return self.method(self.config, update=self.update)
+
+    def make_request(self, seed: int, device: str, batch_size: int) -> PruneRequest:
+        """The request every method reads (per-block ratios are added by the allocation)."""
+        return PruneRequest(
+            sparsity=self.sparsity,
+            pattern=self.pattern,
+            scope=self.scope,
+            device=device,
+            batch_size=batch_size,
+            seed=seed,
+            propagate=self.propagate,
+        )
 
 
 def split_method(method: str, update: str = "none") -> tuple[str, str]:
@@ -152,8 +188,18 @@ def plan_prune(
             f"allocation {alloc.name!r} needs an unstructured pattern; N:M fixes every "
             f"block at {parsed.sparsity:g}"
         )
-    weight_update = plan_update(method_cls, update, update_options)
-    return PrunePlan(method_cls, config, parsed, check_sparsity(sparsity), alloc, weight_update)
+    return PrunePlan(
+        method=method_cls,
+        config=config,
+        pattern=parsed,
+        sparsity=check_sparsity(sparsity),
+        allocation=alloc,
+        update=plan_update(method_cls, update, update_options),
+        scope=scope,
+        propagate=propagate,
+        calib=calib,
+        nsamples=nsamples,
+    )
 
 
 def prune(
@@ -174,7 +220,7 @@ def prune(
     update: str = "none",
     update_options: dict[str, Any] | None = None,
 ) -> PruneRecord:
-    """Prune `lm.model` in place and return how it was done.
+    """Plan (`plan_prune`) and run (`run_plan`) a pruning of `lm.model` in place.
 
     `sparsity` is the mean share of weights (or structure) removed; an N:M `pattern`
     implies it (1 - N/M). `options` are the method's own (`prunekit methods` lists them).
@@ -196,48 +242,62 @@ def prune(
         update,
         update_options,
     )
+    return run_plan(lm, plan, seqlen=seqlen, seed=seed, device=device, batch_size=batch_size)
+
+
+def _calibration(
+    lm: LoadedModel, plan: PrunePlan, seqlen: int, seed: int
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """The plan's calibration windows [nsamples, seqlen] and their description for the record."""
+    source = load_text(plan.calib, purpose="calib")
+    windows = calibration_windows(lm.tokenizer, source.text, plan.nsamples, seqlen, seed)
+    return windows, {
+        "source": source.describe(),
+        "nsamples": plan.nsamples,
+        "seqlen": seqlen,
+        "seed": seed,
+        "windows_sha256": hashlib.sha256(windows.numpy().tobytes()).hexdigest(),
+    }
+
+
+def run_plan(
+    lm: LoadedModel,
+    plan: PrunePlan,
+    *,
+    seqlen: int = 512,
+    seed: int = 0,
+    device: str = "cpu",
+    batch_size: int = 8,
+) -> PruneRecord:
+    """Prune `lm.model` in place as `plan` (from `plan_prune`) says; return how it was done.
+
+    `seqlen` is the calibration window length (tokens), `seed` seeds every random choice,
+    `device` is where the current block computes, `batch_size` windows per forward pass.
+    """
     _check_seqlen(lm, seqlen)
     if plan.pattern.is_nm:
         _check_nm_shapes(lm, plan.pattern)
-    method_cls, config, parsed, sparsity = plan.method, plan.config, plan.pattern, plan.sparsity
-    alloc = plan.allocation
-    request = PruneRequest(
-        sparsity=sparsity,
-        pattern=parsed,
-        scope=scope,
-        device=device,
-        batch_size=batch_size,
-        seed=seed,
-        propagate=propagate,
-    )
+    request = plan.make_request(seed, device, batch_size)
 
     start = time.perf_counter()
     torch.manual_seed(seed)
     windows, calibration = None, None
-    if method_cls.needs_calibration or alloc.needs_calibration or plan.update is not None:
-        source = load_text(calib, purpose="calib")
-        windows = calibration_windows(lm.tokenizer, source.text, nsamples, seqlen, seed)
-        calibration = {
-            "source": source.describe(),
-            "nsamples": nsamples,
-            "seqlen": seqlen,
-            "seed": seed,
-            "windows_sha256": hashlib.sha256(windows.numpy().tobytes()).hexdigest(),
-        }
+    if plan.needs_calibration:
+        windows, calibration = _calibration(lm, plan, seqlen, seed)
     params_before = count_parameters(lm.model)
-    allocated = allocate(alloc, lm, windows, request)
+    allocated = allocate(plan.allocation, lm, windows, request)
     request.layer_sparsity = allocated.ratios
     details = plan.make_method().run(lm, windows, request) or {}
-    if alloc.name != "uniform":
+    if plan.allocation.name != "uniform":
         details = {**details, "allocation": allocated.details}
     request_dict = dataclasses.asdict(request)
-    request_dict["pattern"] = str(parsed)
-    request_dict["allocation"] = alloc.spec
+    request_dict["pattern"] = str(plan.pattern)
+    request_dict["allocation"] = plan.allocation.spec
     request_dict["update"] = plan.update.name if plan.update else "none"
     return PruneRecord(
         source_model=lm.source,
-        method=method_cls.name,
-        config=dataclasses.asdict(config),
+        method=plan.method.name,
+        config=dataclasses.asdict(plan.config),
         request=request_dict,
         calibration=calibration,
         layer_sparsity=layer_sparsity(lm.adapter),

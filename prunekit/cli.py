@@ -146,7 +146,7 @@ def prune(
     if sparsity is None and pattern == "unstructured":
         sparsity = 0.5
     update_options = _parse_options(update_opt)
-    api.plan_prune(
+    plan = api.plan_prune(
         method,
         sparsity,
         pattern,
@@ -164,24 +164,7 @@ def prune(
         api.check_evaluation_name(task)
     lm = api.load_model(model, device="cpu")
     dense = api.evaluate(lm, tasks, eval_seqlen, eval_limit) if tasks else {}
-    record = api.prune(
-        lm,
-        method=method,
-        sparsity=sparsity,
-        pattern=pattern,
-        calib=calib,
-        nsamples=nsamples,
-        seqlen=seqlen,
-        seed=seed,
-        scope=scope,
-        allocation=allocation,
-        device=device,
-        batch_size=batch_size,
-        options=options,
-        propagate=propagate,
-        update=update,
-        update_options=update_options,
-    )
+    record = api.run_plan(lm, plan, seqlen=seqlen, seed=seed, device=device, batch_size=batch_size)
     if tasks:
         pruned = api.evaluate(lm, tasks, eval_seqlen, eval_limit)
         record.evaluation = {"dense": dense, "pruned": pruned}

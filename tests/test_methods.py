@@ -128,6 +128,23 @@ def test_same_seed_same_result(stories):
         assert torch.equal(a, b)
 
 
+def test_a_ready_plan_runs_like_prune(stories):
+    """`run_plan(plan_prune(...))` is what `prune` does: same weights, same record facts."""
+    plan = prunekit.api.plan_prune(
+        "wanda", 0.5, scope="layer", nsamples=8, calib="tinyshakespeare", propagate="dense"
+    )
+    assert plan.needs_calibration and (plan.scope, plan.nsamples) == ("layer", 8)
+    planned = prunekit.api.run_plan(stories, plan, seqlen=64, seed=2)
+    direct = prunekit.load_model("stories260k")
+    record = _prune(direct, "wanda", seed=2, scope="layer", propagate="dense")
+    for a, b in zip(stories.model.parameters(), direct.model.parameters(), strict=True):
+        assert torch.equal(a, b)
+    assert planned.request == record.request and planned.calibration == record.calibration
+    assert not prunekit.api.plan_prune("magnitude", 0.5).needs_calibration
+    assert prunekit.api.plan_prune("magnitude", 0.5, allocation="owl").needs_calibration
+    assert prunekit.api.plan_prune("magnitude+admm", 0.5).needs_calibration
+
+
 @pytest.mark.parametrize("family", sorted(CONFIGS))
 @pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
 def test_methods_run_on_every_family(family, method):
