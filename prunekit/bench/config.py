@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from prunekit.allocation import ALLOCATIONS
+from prunekit.api import needs_calibration
 from prunekit.engine.runner import PROPAGATION
 from prunekit.errors import PrunekitError
 from prunekit.masks import SCOPES, Pattern, check_sparsity
@@ -296,7 +297,7 @@ def parse_config(raw: Any, version: str | None = None) -> SweepConfig:
         if dense:
             cells.append(Cell(model=model, method=DENSE, evaluation=evaluation, version=version))
         for (name, options), pattern, allocation in product(methods, patterns, allocations):
-            uses_data = get_method(name).needs_calibration or allocation != "uniform"
+            uses_data = needs_calibration(get_method(name), ALLOCATIONS.lookup(allocation))
             nm = Pattern.parse(pattern)
             for sparsity in [nm.sparsity] if nm.is_nm else sparsities:
                 cell = Cell(
