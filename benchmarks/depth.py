@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import statistics
 import time
 from pathlib import Path
 
@@ -28,6 +27,7 @@ import torch
 import prunekit
 from prunekit import api, early_exit
 from prunekit.data import calibration_windows, evaluation_windows, load_text
+from prunekit.eval.speed import interleaved, medians
 from prunekit.masks import prune_count
 from prunekit.record import count_parameters
 from prunekit.surgery_depth import remove_blocks
@@ -184,17 +184,16 @@ def speed(args, ratios: list[float], removed: dict[float, list[int]]) -> dict:
         remove_blocks(lm.adapter, removed[ratio])
         models[f"{ratio:g}"] = lm.model
     kinds = ("prefill", "decode", "prefill_cpu", "decode_cpu")
-    samples = {name: {k: [] for k in kinds} for name in models}
-    for model in models.values():  # warm-up
-        time_model(model, ids, 4)
-    for _ in range(args.speed_repeats):
-        for name, model in models.items():
-            for kind, value in time_model(model, ids, args.decode_tokens).items():
-                samples[name][kind].append(value)
+    samples = interleaved(
+        models,
+        lambda model: time_model(model, ids, args.decode_tokens),
+        args.speed_repeats,
+        warmup=lambda model: time_model(model, ids, 4),
+    )
+    dense_med = medians(samples["dense"])
     result = {}
     for name, s in samples.items():
-        med = {k: statistics.median(v) for k, v in s.items()}
-        dense_med = {k: statistics.median(v) for k, v in samples["dense"].items()}
+        med = medians(s)
         result[name] = {
             "blocks": models[name].config.num_hidden_layers,
             **{f"{k}_tok_s": med[k] for k in kinds},

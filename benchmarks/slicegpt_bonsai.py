@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 from pathlib import Path
 
@@ -23,30 +22,24 @@ import torch
 
 import prunekit
 from prunekit.data import evaluation_windows, load_text
+from prunekit.eval.speed import forward_seconds, interleaved, medians
 from prunekit.record import count_parameters
 from prunekit.surgery import decoder_parameters
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-@torch.no_grad()
-def prefill_seconds(model: torch.nn.Module, ids: torch.Tensor) -> float:
-    """Wall time of one forward over `ids` [1, L] without a KV cache, with logits at every
-    position (scoring-style; `prunekit.eval.speed` times a generation prefill, which
-    computes the last position's logits only and fills a cache)."""
-    start = time.perf_counter()
-    model(input_ids=ids, use_cache=False)
-    return time.perf_counter() - start
-
-
 def prefill_speed(dense: torch.nn.Module, pruned: torch.nn.Module, ids, repeats: int) -> dict:
-    """Interleaved prefill timings of dense and pruned: median tokens/s and the ratio."""
-    prefill_seconds(dense, ids), prefill_seconds(pruned, ids)  # warm-up
-    times = {"dense": [], "pruned": []}
-    for _ in range(repeats):
-        for name, model in (("dense", dense), ("pruned", pruned)):
-            times[name].append(prefill_seconds(model, ids))
-    tok_s = {name: ids.shape[1] / statistics.median(t) for name, t in times.items()}
+    """Interleaved scoring-style forward timings (`forward_seconds`: no KV cache, logits at
+    every position) of dense and pruned over `ids` [1, L]: median tokens/s and the ratio."""
+    samples = interleaved(
+        {"dense": dense, "pruned": pruned},
+        lambda model: {"prefill": forward_seconds(model, ids)},
+        repeats,
+        warmup=lambda model: forward_seconds(model, ids),
+    )
+    times = {name: s["prefill"] for name, s in samples.items()}
+    tok_s = {name: ids.shape[1] / median for name, median in medians(times).items()}
     return {
         "dense_tok_s": tok_s["dense"],
         "pruned_tok_s": tok_s["pruned"],

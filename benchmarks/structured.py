@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 from pathlib import Path
 
@@ -24,7 +23,7 @@ import torch
 
 import prunekit
 from prunekit.data import evaluation_windows, load_text
-from prunekit.eval.speed import decode_seconds, prefill_seconds
+from prunekit.eval.speed import decode_seconds, interleaved, medians, prefill_seconds
 from prunekit.record import count_parameters
 from prunekit.surgery import decoder_parameters
 
@@ -34,17 +33,21 @@ METHODS = ("magnitude_sp", "wanda_sp", "flap", "llm_pruner")
 
 def speed(dense, pruned, ids: torch.Tensor, new_tokens: int, repeats: int) -> dict:
     """Interleaved prefill/decode timings of dense and pruned; medians and ratios."""
-    times = {"dense": {"prefill": [], "decode": []}, "pruned": {"prefill": [], "decode": []}}
-    prefill_seconds(dense, ids), prefill_seconds(pruned, ids)  # warm-up
-    for _ in range(repeats):
-        for name, model in (("dense", dense), ("pruned", pruned)):
-            times[name]["prefill"].append(prefill_seconds(model, ids))
-            times[name]["decode"].append(decode_seconds(model, ids, new_tokens))
+    samples = interleaved(
+        {"dense": dense, "pruned": pruned},
+        lambda model: {
+            "prefill": prefill_seconds(model, ids),
+            "decode": decode_seconds(model, ids, new_tokens),
+        },
+        repeats,
+        warmup=lambda model: prefill_seconds(model, ids),
+    )
     result = {}
-    for name, t in times.items():
+    for name, times in samples.items():
+        median = medians(times)
         result[name] = {
-            "prefill_tok_s": ids.shape[1] / statistics.median(t["prefill"]),
-            "decode_tok_s": new_tokens / statistics.median(t["decode"]),
+            "prefill_tok_s": ids.shape[1] / median["prefill"],
+            "decode_tok_s": new_tokens / median["decode"],
         }
     result["prefill_speedup"] = result["pruned"]["prefill_tok_s"] / result["dense"]["prefill_tok_s"]
     result["decode_speedup"] = result["pruned"]["decode_tok_s"] / result["dense"]["decode_tok_s"]
