@@ -27,7 +27,7 @@ import torch
 import prunekit
 from prunekit import api, early_exit
 from prunekit.data import calibration_windows, evaluation_windows, load_text
-from prunekit.eval.speed import interleaved, medians
+from prunekit.eval.speed import interleaved, medians, prompt_ids
 from prunekit.masks import prune_count
 from prunekit.record import count_parameters
 from prunekit.surgery_depth import remove_blocks
@@ -176,8 +176,7 @@ def time_model(model, ids: torch.Tensor, decode_tokens: int) -> dict[str, float]
 def speed(args, ratios: list[float], removed: dict[float, list[int]]) -> dict:
     """Dense and one pruned model per ratio, measured in turn each repeat; medians, ratios."""
     dense = prunekit.load_model(args.model)
-    text = load_text("wikitext2", purpose="eval").text
-    ids = evaluation_windows(dense.tokenizer, text, args.prefill_tokens, limit=1)
+    ids = prompt_ids(dense.tokenizer, args.prefill_tokens)
     models = {"dense": dense.model}
     for ratio in ratios:
         lm = prunekit.load_model(args.model)

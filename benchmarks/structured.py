@@ -22,8 +22,13 @@ from pathlib import Path
 import torch
 
 import prunekit
-from prunekit.data import evaluation_windows, load_text
-from prunekit.eval.speed import decode_seconds, interleaved, medians, prefill_seconds
+from prunekit.eval.speed import (
+    decode_seconds,
+    interleaved,
+    medians,
+    prefill_seconds,
+    prompt_ids,
+)
 from prunekit.record import count_parameters
 from prunekit.surgery import decoder_parameters
 
@@ -142,8 +147,7 @@ def main() -> None:
         },
         "runs": [],
     }
-    text = load_text("wikitext2", purpose="eval").text
-    prompt = evaluation_windows(dense.tokenizer, text, args.prompt, limit=1)
+    prompt = prompt_ids(dense.tokenizer, args.prompt)
     for sparsity in (float(s) for s in args.sparsities.split(",")):
         for method in args.methods.split(","):
             print(f"== {method} at {sparsity}", flush=True)

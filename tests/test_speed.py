@@ -1,5 +1,5 @@
 """The shared speed timers of `prunekit.eval.speed`: call order of the interleaved
-measurement, medians, and the timers on the real stories260K."""
+measurement, medians, and the prompt and timers on the real stories260K."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from prunekit.eval.speed import (
     interleaved,
     medians,
     prefill_seconds,
+    prompt_ids,
 )
 
 
@@ -32,7 +33,8 @@ def test_interleaved_warms_up_once_then_measures_in_turn():
 
 
 def test_timers_run_the_model(stories):
-    ids = torch.randint(0, 500, (1, 16), generator=torch.Generator().manual_seed(0))
+    ids = prompt_ids(stories.tokenizer, 16)
+    assert ids.shape == (1, 16) and ids.dtype == torch.long
     model = stories.model
     assert forward_seconds(model, ids) > 0
     assert prefill_seconds(model, ids) > 0

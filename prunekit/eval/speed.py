@@ -12,7 +12,15 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
+from prunekit.data import evaluation_windows, load_text
+
 M = TypeVar("M")
+
+
+def prompt_ids(tokenizer: object, tokens: int, dataset: str = "wikitext2") -> torch.Tensor:
+    """The timing prompt: the first `tokens` tokens of `dataset`'s test split, [1, tokens]."""
+    text = load_text(dataset, purpose="eval").text
+    return evaluation_windows(tokenizer, text, tokens, limit=1)
 
 
 @torch.no_grad()
