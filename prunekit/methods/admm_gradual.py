@@ -20,7 +20,7 @@ from prunekit.errors import PrunekitError, choice_error
 from prunekit.masks import Target, layer_mask, make_mask, row_mask
 from prunekit.methods.base import LayerwiseMethod, MethodConfig, register
 from prunekit.models.adapter import set_weight_matrix, weight_matrix
-from prunekit.updates.admm_core import LayerProblem, PenalisedInverse, run_admm
+from prunekit.updates.admm_core import LayerProblem, PenalisedInverse, check_penalty, run_admm
 
 IMPORTANCES = ("norm", "obs")
 
@@ -38,8 +38,7 @@ class AdmmGradualConfig(MethodConfig):
             raise PrunekitError(
                 f"admm_gradual needs 1 <= ramp <= iterations, got {self.ramp}, {self.iterations}"
             )
-        if self.rho <= 0 or self.damp < 0:
-            raise PrunekitError(f"admm_gradual needs rho > 0 and damp >= 0, got {self.rho}")
+        check_penalty("admm_gradual", self.rho, self.damp)
         if self.importance not in IMPORTANCES:
             raise choice_error("importance", self.importance, IMPORTANCES)
 

@@ -20,6 +20,7 @@ from prunekit.methods.base import LayerwiseMethod, MethodConfig, register
 from prunekit.models.adapter import set_weight_matrix, weight_matrix
 from prunekit.updates.admm_core import (
     LayerProblem,
+    check_penalty,
     pcg_on_support,
     run_admm,
     support_adaptive_rho,
@@ -40,8 +41,7 @@ class AlpsConfig(MethodConfig):
     def __post_init__(self) -> None:
         if self.max_iterations < 1 or self.check_every < 1 or self.pcg_iterations < 0:
             raise PrunekitError("alps needs max_iterations >= 1, check_every >= 1, pcg >= 0")
-        if self.rho <= 0 or self.damp < 0:
-            raise PrunekitError(f"alps needs rho > 0 and damp >= 0, got {self.rho}, {self.damp}")
+        check_penalty("alps", self.rho, self.damp)
 
 
 @register

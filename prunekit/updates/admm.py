@@ -10,7 +10,7 @@ import torch
 
 from prunekit.engine.runner import LayerStats
 from prunekit.errors import PrunekitError
-from prunekit.updates.admm_core import LayerProblem, run_admm
+from prunekit.updates.admm_core import LayerProblem, check_penalty, run_admm
 from prunekit.updates.base import UpdateConfig, WeightUpdate, register_update
 
 
@@ -23,8 +23,7 @@ class AdmmConfig(UpdateConfig):
     def __post_init__(self) -> None:
         if self.iterations < 1:
             raise PrunekitError(f"admm iterations must be at least 1, got {self.iterations}")
-        if self.rho <= 0 or self.damp < 0:
-            raise PrunekitError(f"admm needs rho > 0 and damp >= 0, got {self.rho}, {self.damp}")
+        check_penalty("admm", self.rho, self.damp)
 
 
 @register_update

@@ -19,6 +19,14 @@ from dataclasses import dataclass
 
 import torch
 
+from prunekit.errors import PrunekitError
+
+
+def check_penalty(owner: str, rho: float, damp: float) -> None:
+    """Fail unless the ADMM penalty ρ > 0 and the ridge `damp` >= 0 (`owner`: whose options)."""
+    if rho <= 0 or damp < 0:
+        raise PrunekitError(f"{owner} needs rho > 0 and damp >= 0, got {rho}, {damp}")
+
 
 @dataclass
 class LayerProblem:

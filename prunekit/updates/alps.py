@@ -11,7 +11,13 @@ import torch
 
 from prunekit.engine.runner import LayerStats
 from prunekit.errors import PrunekitError
-from prunekit.updates.admm_core import LayerProblem, pcg_on_support, run_admm, support_adaptive_rho
+from prunekit.updates.admm_core import (
+    LayerProblem,
+    check_penalty,
+    pcg_on_support,
+    run_admm,
+    support_adaptive_rho,
+)
 from prunekit.updates.base import UpdateConfig, WeightUpdate, register_update
 
 
@@ -25,8 +31,7 @@ class AlpsUpdateConfig(UpdateConfig):
     def __post_init__(self) -> None:
         if self.iterations < 0 or self.pcg_iterations < 0:
             raise PrunekitError("alps iterations and pcg_iterations must be >= 0")
-        if self.rho <= 0 or self.damp < 0:
-            raise PrunekitError(f"alps needs rho > 0 and damp >= 0, got {self.rho}, {self.damp}")
+        check_penalty("alps", self.rho, self.damp)
 
 
 def alps_refit(problem: LayerProblem, mask: torch.Tensor, config: AlpsUpdateConfig) -> torch.Tensor:
