@@ -60,6 +60,14 @@ def _mark_knee(ax, xs: list[float], ys_degradation: list[float], ys_plot: list[f
         )
 
 
+def _style(ax, xlabel: str, ylabel: str) -> None:
+    """Axis labels, a light grid and a small legend: the look of every report plot."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+
+
 def perplexity_figure(group: Group, task: str) -> Figure:
     """Perplexity vs sparsity, one line per method; dense dashed; knees starred."""
     plt = _pyplot()
@@ -76,11 +84,8 @@ def perplexity_figure(group: Group, task: str) -> Figure:
     ax.set_yscale("log")
     ax.yaxis.set_major_formatter(ScalarFormatter())
     ax.yaxis.set_minor_formatter(ScalarFormatter())
-    ax.set_xlabel("sparsity")
-    ax.set_ylabel(f"{task} perplexity (log scale)")
     ax.set_title(f"{group.model}: {task} perplexity (★ essential-sparsity knee)")
-    ax.legend(fontsize=8)
-    ax.grid(True, alpha=0.3)
+    _style(ax, "sparsity", f"{task} perplexity (log scale)")
     return Figure(
         f"ppl_{_slug(group.model)}_{_slug(task)}.png",
         _png(fig),
@@ -101,11 +106,8 @@ def retained_figure(group: Group, task_groups: dict[str, list[str]]) -> Figure:
             (line,) = ax.plot(xs, percent, marker=MARKERS[i % len(MARKERS)], label=series)
             _mark_knee(ax, xs, [1 - v for v in retained], percent, line.get_color())
         ax.axhline(100, color="gray", linestyle="--", label="dense")
-        ax.set_xlabel("sparsity")
-        ax.set_ylabel("retained accuracy (% of dense)")
         ax.set_title(f"{name}: {', '.join(tasks)}", fontsize=9)
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8)
+        _style(ax, "sparsity", "retained accuracy (% of dense)")
     fig.suptitle(f"{group.model}: retained accuracy per task group (★ knee)")
     return Figure(
         f"retained_{_slug(group.model)}.png",
@@ -125,11 +127,10 @@ def cost_figure(group: Group) -> Figure:
         right.plot(xs, [r.peak_rss_mb for r in rows], marker=marker, label=name)
     if group.dense is not None:
         right.axhline(group.dense.peak_rss_mb, color="gray", linestyle="--", label="dense eval")
-    left.set(xlabel="sparsity", ylabel="pruning time (s)", title="time to prune")
-    right.set(xlabel="sparsity", ylabel="peak RSS (MiB)", title="peak memory of the cell")
-    for ax in (left, right):
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8)
+    left.set_title("time to prune")
+    _style(left, "sparsity", "pruning time (s)")
+    right.set_title("peak memory of the cell")
+    _style(right, "sparsity", "peak RSS (MiB)")
     fig.suptitle(f"{group.model}: cost per method")
     return Figure(
         f"cost_{_slug(group.model)}.png",
