@@ -142,22 +142,20 @@ def prune(
     """Prune MODEL and optionally evaluate and save it."""
     if out is not None:
         check_output_dir(out, overwrite)
-    options = _parse_options(opt)
     if sparsity is None and pattern == "unstructured":
         sparsity = 0.5
-    update_options = _parse_options(update_opt)
     plan = api.plan_prune(
         method,
         sparsity,
-        pattern,
-        scope,
-        nsamples,
-        calib,
-        options,
-        propagate,
-        allocation,
-        update,
-        update_options,
+        pattern=pattern,
+        scope=scope,
+        nsamples=nsamples,
+        calib=calib,
+        options=_parse_options(opt),
+        propagate=propagate,
+        allocation=allocation,
+        update=update,
+        update_options=_parse_options(update_opt),
     )
     tasks = _split(eval)
     for task in tasks:
