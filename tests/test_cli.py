@@ -3,29 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from helpers import run_cli
 from transformers import AutoModelForCausalLM
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    return subprocess.run(
-        [sys.executable, "-m", "prunekit.cli", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-
 
 BASE = ["prune", "stories260k", "--calib", "tinyshakespeare", "--nsamples", "4", "--seqlen", "64"]
 

@@ -4,14 +4,11 @@ the real stories260K and tiny random GLU (llama) and non-GLU (opt) models."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from helpers import quick_prune as _prune
+from helpers import run_cli
 from tiny_models import tiny_model
 from transformers import AutoModelForCausalLM
 
@@ -354,14 +351,6 @@ def test_ria_beats_wanda_at_2_4_on_stories_perplexity():
     assert ppl["ria"] < ppl["wanda"]
 
 
-def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
-    return subprocess.run(
-        [sys.executable, "-m", "prunekit.cli", *args],
-        cwd=cwd, env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-
-
 CLI_BASE = [
     "prune",
     "stories260k",
@@ -375,7 +364,7 @@ CLI_BASE = [
 
 
 def test_cli_allocation_spec_runs_and_records(tmp_path):
-    result = _cli(
+    result = run_cli(
         *CLI_BASE, "--method", "ria", "--sparsity", "0.6", "--allocation", "owl:M=5,lambda=0.05",
         "--json", "run.json", cwd=tmp_path,
     )  # fmt: skip
@@ -396,7 +385,7 @@ def test_cli_allocation_spec_runs_and_records(tmp_path):
     ],
 )
 def test_cli_bad_allocation_is_one_line(tmp_path, args, message):
-    result = _cli(*CLI_BASE, *args, "--out", "never", cwd=tmp_path)
+    result = run_cli(*CLI_BASE, *args, "--out", "never", cwd=tmp_path)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], result.stderr

@@ -6,14 +6,11 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from helpers import quick_prune as _prune
+from helpers import run_cli
 from tiny_models import tiny_model
 
 import prunekit
@@ -27,7 +24,6 @@ from prunekit.models.adapter import weight_matrix
 from prunekit.updates import get_update
 from prunekit.updates.admm_core import LayerProblem, pcg_on_support
 
-ROOT = Path(__file__).resolve().parents[1]
 FAST_ALPS = {"max_iterations": 12, "min_iterations": 6, "pcg_iterations": 20}
 FAST_GRADUAL = {"iterations": 6, "ramp": 4}
 
@@ -260,18 +256,10 @@ def test_runs_on_tiny_glu_and_non_glu_models(family, method):
 
 
 def test_cli_update_option(tmp_path):
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
     args = ["prune", "stories260k", "--calib", "tinyshakespeare", "--nsamples", "4"]
     args += ["--seqlen", "64", "--method", "wanda", "--update", "admm"]
     args += ["--update-opt", "iterations=3", "--json", "run.json"]
-    result = subprocess.run(
-        [sys.executable, "-m", "prunekit.cli", *args],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = run_cli(*args, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     record = json.loads((tmp_path / "run.json").read_text())
     assert record["update"] == {
