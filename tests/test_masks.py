@@ -24,26 +24,26 @@ def _scores(rows: int, cols: int, seed: int) -> torch.Tensor:
     return torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed))
 
 
-@settings(max_examples=60, deadline=None)
-@given(
-    rows=st.integers(1, 40),
-    cols=st.integers(1, 70),
-    sparsity=st.floats(0.0, 0.99),
-    seed=st.integers(0, 1000),
-)
+def score_matrices(test):
+    """Property test over random score matrices: rows, cols, sparsity and seed vary."""
+    return settings(max_examples=60, deadline=None)(
+        given(
+            rows=st.integers(1, 40),
+            cols=st.integers(1, 70),
+            sparsity=st.floats(0.0, 0.99),
+            seed=st.integers(0, 1000),
+        )(test)
+    )
+
+
+@score_matrices
 def test_row_mask_zeros_exactly_per_row(rows, cols, sparsity, seed):
     mask = row_mask(_scores(rows, cols, seed), sparsity)
     expected = round(cols * sparsity)
     assert ((~mask).sum(1) == expected).all()
 
 
-@settings(max_examples=60, deadline=None)
-@given(
-    rows=st.integers(1, 40),
-    cols=st.integers(1, 70),
-    sparsity=st.floats(0.0, 0.99),
-    seed=st.integers(0, 1000),
-)
+@score_matrices
 def test_layer_mask_zeros_exactly_per_layer(rows, cols, sparsity, seed):
     mask = layer_mask(_scores(rows, cols, seed), sparsity)
     assert int((~mask).sum()) == round(rows * cols * sparsity)
