@@ -125,9 +125,7 @@ def attach_collectors(
 
 def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Whether two tensors are views of the same memory with the same layout."""
-    return (
-        a.data_ptr() == b.data_ptr() and a.stride() == b.stride() and a._version == b._version
-    )
+    return a.data_ptr() == b.data_ptr() and a.stride() == b.stride() and a._version == b._version
 
 
 class SequentialRunner:

@@ -18,7 +18,6 @@ from prunekit.masks import Target, prune_count
 from prunekit.methods.base import LayerwiseMethod, MethodConfig, register
 from prunekit.models.adapter import set_weight_matrix, weight_matrix
 
-
 _TILE = 16  # columns swept one by one before a matrix update of the rest of the block
 
 
