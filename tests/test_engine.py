@@ -6,7 +6,7 @@ import pytest
 import torch
 from tiny_models import CONFIGS, tiny_model
 
-from prunekit.engine import SequentialRunner
+from prunekit.engine import COLLECTORS, SequentialRunner, attach_collectors
 from prunekit.engine.capture import capture_inputs
 from prunekit.models import adapter_for
 from prunekit.models.adapter import weight_matrix
@@ -69,3 +69,57 @@ def test_capture_keeps_each_blocks_own_arguments():
     assert masks[0] is not None
     # sliding-window and full-attention blocks receive different masks
     assert any(not torch.equal(masks[0], m) for m in masks[1:])
+
+
+def test_linears_reading_one_tensor_share_their_collectors(stories, stories_calib):
+    """q/k/v (and gate/up) read the same tensor: one statistic, computed once per batch."""
+    runner = SequentialRunner(stories.adapter, stories_calib, batch_size=4, progress=None)
+    ctx = next(iter(runner))
+    modules = ctx.linears()
+    with attach_collectors(modules, ["hessian"], "cpu") as found:
+        ctx.forward()
+    attn = [found[f"self_attn.{p}_proj"] for p in "qkv"]
+    mlp = [found[f"mlp.{p}_proj"] for p in ("gate", "up")]
+    assert attn[0] is attn[1] is attn[2] and mlp[0] is mlp[1]
+    assert found["self_attn.o_proj"] is not attn[0] and found["mlp.down_proj"] is not mlp[0]
+    assert attn[0]["hessian"].tokens == stories_calib.numel()  # updated once per batch
+
+
+def test_hessian_from_its_upper_blocks_equals_xtx():
+    """The collector accumulates only the block upper triangle of XᵀX; the result is whole."""
+    torch.manual_seed(0)
+    batches = [torch.randn(300, 301) @ torch.randn(301, 301) + 3 for _ in range(3)]
+    stat = COLLECTORS["hessian"](301, torch.device("cpu"))
+    for x in batches:
+        stat.update(x)
+    x = torch.cat(batches).double()
+    expected = 2 * x.t() @ x / x.shape[0]
+    torch.testing.assert_close(stat.result().double(), expected, rtol=1e-5, atol=1e-3)
+    assert torch.equal(stat.result(), stat.result().t())
+
+
+def test_variance_survives_a_large_mean():
+    """Batch-merged moments: a channel with mean 1e4 and std 1e-2 keeps its variance."""
+    torch.manual_seed(0)
+    batches = [1e4 + 1e-2 * torch.randn(500, 3) for _ in range(4)]
+    stat = COLLECTORS["input_variance"](3, torch.device("cpu"))
+    for x in batches:
+        stat.update(x)
+    expected = torch.cat(batches).double().var(0)
+    torch.testing.assert_close(stat.result().double(), expected, rtol=0.05, atol=0)
+
+
+def test_outputs_overwriting_inputs_give_the_same_activations(stories, stories_calib):
+    """`overwrite_inputs=True` reuses one buffer; every block sees the same inputs."""
+    seen = {}
+    for overwrite in (False, True):
+        runner = SequentialRunner(
+            stories.adapter,
+            stories_calib,
+            batch_size=5,
+            progress=None,
+            overwrite_inputs=overwrite,
+        )
+        seen[overwrite] = [ctx.inputs.clone() for ctx in runner] + [runner.hidden]
+    for a, b in zip(seen[False], seen[True], strict=True):
+        assert torch.equal(a, b)

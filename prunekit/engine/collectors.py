@@ -39,7 +39,8 @@ class InputNorm(Collector):
         self.sq_sum = torch.zeros(in_features, dtype=torch.float64, device=device)
 
     def update(self, x: torch.Tensor) -> None:
-        self.sq_sum += x.double().pow(2).sum(0)
+        # a float32 norm per batch, accumulated in float64: no [tokens, in] float64 copy
+        self.sq_sum += torch.linalg.vector_norm(x.float(), dim=0).double().pow(2)
         self.tokens += x.shape[0]
 
     def result(self) -> torch.Tensor:
@@ -47,39 +48,54 @@ class InputNorm(Collector):
 
 
 class Hessian(Collector):
-    """H = (2 / tokens) · XᵀX, the Hessian of the layer's squared error: [in, in]."""
+    """H = (2 / tokens) · XᵀX, the Hessian of the layer's squared error: [in, in].
+
+    Only the block upper triangle of XᵀX is accumulated (column chunks i <= j), which
+    saves about a third of the work for wide inputs; `result()` mirrors it.
+    """
 
     name = "hessian"
+    chunks = 4  # column chunks for inputs of at least `min_split` features
+    min_split = 256
 
     def __init__(self, in_features: int, device: torch.device):
         super().__init__(in_features, device)
         self.xtx = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+        parts = self.chunks if in_features >= self.min_split else 1
+        step = -(-in_features // parts)
+        self.starts = list(range(0, in_features, step))
 
     def update(self, x: torch.Tensor) -> None:
         x = x.float()
-        self.xtx.addmm_(x.t(), x)
+        ends = [*self.starts[1:], self.in_features]
+        for start, end in zip(self.starts, ends, strict=True):
+            self.xtx[start:end, start:].addmm_(x[:, start:end].t(), x[:, start:])
         self.tokens += x.shape[0]
 
     def result(self) -> torch.Tensor:
-        return self.xtx * (2.0 / max(self.tokens, 1))
+        upper = self.xtx.triu()
+        return (upper + upper.triu(1).t()) * (2.0 / max(self.tokens, 1))
 
 
 class _Moments(Collector):
-    """Running first and second moments per input channel (float64)."""
+    """Running mean and sum of squared deviations per input channel (float64), merged
+    batch by batch (Chan et al.), so a large mean does not cancel the variance."""
 
     def __init__(self, in_features: int, device: torch.device):
         super().__init__(in_features, device)
-        self.total = torch.zeros(in_features, dtype=torch.float64, device=device)
-        self.sq_total = torch.zeros(in_features, dtype=torch.float64, device=device)
+        self.running_mean = torch.zeros(in_features, dtype=torch.float64, device=device)
+        self.m2 = torch.zeros(in_features, dtype=torch.float64, device=device)
 
     def update(self, x: torch.Tensor) -> None:
-        x = x.double()
-        self.total += x.sum(0)
-        self.sq_total += x.pow(2).sum(0)
-        self.tokens += x.shape[0]
-
-    def mean(self) -> torch.Tensor:
-        return self.total / max(self.tokens, 1)
+        x = x.float()
+        count = x.shape[0]
+        batch_mean = x.mean(0)
+        batch_m2 = torch.linalg.vector_norm(x - batch_mean, dim=0).double().pow(2)
+        total = self.tokens + count
+        delta = batch_mean.double() - self.running_mean
+        self.running_mean += delta * (count / total)
+        self.m2 += batch_m2 + delta.pow(2) * (self.tokens * count / total)
+        self.tokens = total
 
 
 class InputMean(_Moments):
@@ -88,7 +104,7 @@ class InputMean(_Moments):
     name = "input_mean"
 
     def result(self) -> torch.Tensor:
-        return self.mean().float()
+        return self.running_mean.float()
 
 
 class InputVariance(_Moments):
@@ -97,9 +113,7 @@ class InputVariance(_Moments):
     name = "input_variance"
 
     def result(self) -> torch.Tensor:
-        n = max(self.tokens, 2)
-        var = (self.sq_total - self.total.pow(2) / n) / (n - 1)
-        return var.clamp_min(0).float()
+        return (self.m2 / max(self.tokens - 1, 1)).float()
 
 
 COLLECTORS: dict[str, type[Collector]] = {

@@ -6,6 +6,7 @@ Only the current block sits on the compute device. Activations kept between bloc
 
 from __future__ import annotations
 
+import ctypes
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
@@ -32,6 +33,12 @@ class BlockContext:
         self.block: nn.Module = runner.adapter.blocks[index]
         self.inputs: torch.Tensor = runner.hidden  # [n, L, H] on the store device
         self.stats: dict[str, LayerStats] = {}  # what the runner's `collect` gathered
+
+    def release(self) -> None:
+        """Drop the references to this block's activations and statistics (the runner
+        calls it once the block is done, so a caller's `ctx` holds no stale buffers)."""
+        self.inputs = torch.empty(0)
+        self.stats = {}
 
     def linears(self) -> dict[str, nn.Module]:
         return self.adapter.linears(self.block)
@@ -66,7 +73,7 @@ class BlockContext:
                 raise choice_error("statistic", name, COLLECTORS)
         modules = self.linears() if modules is None else modules
         with attach_collectors(modules, names, self.runner.device) as collectors:
-            self.forward()
+            self.runner.sweep_block(self.index, self.inputs)
         return {
             path: {name: c.result() for name, c in per_layer.items()}
             for path, per_layer in collectors.items()
@@ -80,20 +87,30 @@ def attach_collectors(
     """Hook each module so its inputs feed the named collectors while the context is open.
 
     Any module works (linears, norms, ...): collectors are sized by the first input seen,
-    so a module that never runs has no entry.
+    so a module that never runs has no entry. Modules called one after the other on the
+    same input tensor (q/k/v, gate/up) share one set of collectors, updated once.
     """
     collectors: dict[str, dict[str, Collector]] = {}
+    shared: set[str] = set()
+    last: list = [None, None]  # the previous hook's (input tensor, path)
     handles = []
 
     def hook(path: str):
         def fn(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            if path in shared:
+                return
             x = args[0].detach()
-            x = x.reshape(-1, x.shape[-1])
             if path not in collectors:
-                width = x.shape[1]
+                if last[0] is not None and x.shape == last[0].shape and _same(x, last[0]):
+                    collectors[path] = collectors[last[1]]
+                    shared.add(path)
+                    return
+                width = x.shape[-1]
                 collectors[path] = {n: COLLECTORS[n](width, torch.device(device)) for n in names}
+            last[:] = [x, path]
+            flat = x.reshape(-1, x.shape[-1])
             for c in collectors[path].values():
-                c.update(x)
+                c.update(flat)
 
         return fn
 
@@ -104,6 +121,11 @@ def attach_collectors(
     finally:
         for h in handles:
             h.remove()
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two tensors are views of the same memory with the same layout."""
+    return a.data_ptr() == b.data_ptr() and a.stride() == b.stride() and a._version == b._version
 
 
 class SequentialRunner:
@@ -119,7 +141,8 @@ class SequentialRunner:
     `propagate="dense"`, where the inputs come from the unchanged block. Statistics named
     in `collect` are gathered before the loop body sees the block (`ctx.stats`); with
     dense propagation that happens in the same pass that computes the block's outputs, so
-    each block runs once.
+    each block runs once. `overwrite_inputs=True` lets a block's outputs overwrite its
+    inputs (one activation buffer instead of two) for callers that keep no `ctx.inputs`.
     """
 
     def __init__(
@@ -131,6 +154,7 @@ class SequentialRunner:
         propagate: str = "pruned",
         progress: str | None = "blocks",
         collect: tuple[str, ...] = (),
+        overwrite_inputs: bool = False,
     ):
         if propagate not in PROPAGATION:
             raise choice_error("propagation", propagate, PROPAGATION)
@@ -141,6 +165,7 @@ class SequentialRunner:
         self.progress = progress
         self.windows = windows
         self.collect = tuple(collect)
+        self.overwrite_inputs = overwrite_inputs
         self.captured: CapturedInputs = capture_inputs(adapter, windows, batch_size)
         self.hidden = self.captured.hidden
 
@@ -167,20 +192,29 @@ class SequentialRunner:
         return out[0] if isinstance(out, tuple) else out
 
     @torch.no_grad()
-    def run_block(self, index: int, inputs: torch.Tensor) -> torch.Tensor:
+    def run_block(
+        self, index: int, inputs: torch.Tensor, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Block `index` applied to `inputs` [n, L, H], batch by batch: [n, L, H'].
 
-        H' may differ from H when a method changes the block's width (SliceGPT).
+        H' may differ from H when a method changes the block's width (SliceGPT). `out`,
+        when its shape fits, receives the outputs; it may be `inputs` itself, each batch
+        being read before its outputs are written.
         """
-        outputs: torch.Tensor | None = None
         for start in range(0, inputs.shape[0], self.batch_size):
             h = inputs[start : start + self.batch_size].to(self.device)
-            out = self.call_block(index, h)
-            if outputs is None:
-                shape = (inputs.shape[0], *out.shape[1:])
-                outputs = torch.empty(shape, dtype=out.dtype, device=inputs.device)
-            outputs[start : start + h.shape[0]] = out.to(outputs.device)
-        return outputs
+            result = self.call_block(index, h)
+            if out is None or out.shape[1:] != result.shape[1:] or out.dtype != result.dtype:
+                shape = (inputs.shape[0], *result.shape[1:])
+                out = torch.empty(shape, dtype=result.dtype, device=inputs.device)
+            out[start : start + h.shape[0]] = result.to(out.device)
+        return out
+
+    @torch.no_grad()
+    def sweep_block(self, index: int, inputs: torch.Tensor) -> None:
+        """Block `index` over `inputs` [n, L, H] for its hooks only; outputs are dropped."""
+        for start in range(0, inputs.shape[0], self.batch_size):
+            self.call_block(index, inputs[start : start + self.batch_size].to(self.device))
 
     def __iter__(self) -> Iterator[BlockContext]:
         blocks = self.adapter.blocks
@@ -195,13 +229,38 @@ class SequentialRunner:
             dense_out = None
             if self.collect or self.propagate == "dense":
                 with attach_collectors(ctx.linears(), list(self.collect), self.device) as found:
-                    dense_out = ctx.forward()
+                    if self.propagate == "dense":
+                        dense_out = ctx.forward()
+                    else:
+                        self.sweep_block(index, ctx.inputs)
                 ctx.stats = {
                     path: {name: c.result() for name, c in per_layer.items()}
                     for path, per_layer in found.items()
                 }
-            if self.propagate != "dense":
-                dense_out = None
             yield ctx
-            self.hidden = dense_out if dense_out is not None else ctx.forward()
+            if dense_out is None:
+                reuse = ctx.inputs if self.overwrite_inputs else None
+                dense_out = self.run_block(index, ctx.inputs, out=reuse)
+            self.hidden = dense_out
+            ctx.release()
             block.to(home)
+            release_free_memory()
+
+
+def release_free_memory() -> None:
+    """Hand the C heap's free pages back to the OS (glibc), so one block's temporaries do
+    not raise the next block's resident memory; a no-op elsewhere."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _load_libc() -> ctypes.CDLL | None:
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc_trim  # noqa: B018 (glibc only)
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
+_LIBC = _load_libc()

@@ -116,6 +116,7 @@ class LayerwiseMethod(Method):
             batch_size=request.batch_size,
             propagate=request.propagate,
             collect=tuple(self.statistics()),
+            overwrite_inputs=True,
         )
         errors: list[dict[str, float]] = []
         for ctx in runner:

@@ -18,6 +18,8 @@ from prunekit.masks import Target, prune_count
 from prunekit.methods.base import LayerwiseMethod, MethodConfig, register
 from prunekit.models.adapter import set_weight_matrix, weight_matrix
 
+_TILE = 16  # columns swept one by one before a matrix update of the rest of the block
+
 
 @dataclass
 class SparseGPTConfig(MethodConfig):
@@ -95,6 +97,7 @@ def sparsegpt_prune(
     n, m = target.pattern.n, target.pattern.m
     if m:
         blocksize = max(m, blocksize // m * m)
+    tile = max(m, _TILE // m * m) if m else _TILE
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
         w1 = w[:, i1:i2].clone()
@@ -108,19 +111,23 @@ def sparsegpt_prune(
         else:
             count = _block_prune_counts(target, rows, i1, i2)
             pruned = _block_mask(w1.pow(2) / diag.pow(2), target, count)
-        for i in range(i2 - i1):
-            if m and mask is None and i % m == 0:
-                group = w1[:, i : i + m].pow(2) / diag[i : i + m].pow(2)
-                drop = torch.topk(group, m - n, dim=1, largest=False).indices
-                pruned[:, i : i + m].scatter_(1, drop, True)
-            col = w1[:, i]
-            kept = col.masked_fill(pruned[:, i], 0)
-            e = (col - kept) / diag[i]
-            w1[:, i:] -= e.unsqueeze(1) * u1[i, i:].unsqueeze(0)
-            w1[:, i] = kept
-            err[:, i] = e
-        w[:, i1:i2] = w1
-        w[:, i2:] -= err @ upper[i1:i2, i2:]
+        scale = pruned / diag  # [rows, block]: 1 / [H⁻¹]_jj where pruned, else 0
+        # the sweep, tile by tile: a column's error updates its own tile at once and the
+        # rest of the block after the tile (the lazy update of SparseGPT, applied twice)
+        for j1 in range(0, i2 - i1, tile):
+            j2 = min(j1 + tile, i2 - i1)
+            for i in range(j1, j2):
+                if m and mask is None and i % m == 0:
+                    group = w1[:, i : i + m].pow(2) / diag[i : i + m].pow(2)
+                    drop = torch.topk(group, m - n, dim=1, largest=False).indices
+                    pruned[:, i : i + m].scatter_(1, drop, True)
+                    scale[:, i : i + m] = pruned[:, i : i + m] / diag[i : i + m]
+                torch.mul(w1[:, i], scale[:, i], out=err[:, i])
+                # column i becomes its kept part (pruned entries reach zero up to rounding)
+                w1[:, i:j2].addr_(err[:, i], u1[i, i:j2], alpha=-1)
+            w1[:, j2:].addmm_(err[:, j1:j2], u1[j1:j2, j2:], alpha=-1)
+        w[:, i1:i2] = w1.masked_fill_(pruned, 0)
+        w[:, i2:].addmm_(err, upper[i1:i2, i2:], alpha=-1)
     return w, damp
 
 
