@@ -193,8 +193,7 @@ def claims(payload: dict) -> list[str]:
             ]
             if all(u is not None and o is not None for _, u, o in pairs):
                 text = ", ".join(f"{d} {u:.2f} -> {o:.2f}" for d, u, o in pairs)
-                holds = all(o < u for _, u, o in pairs)
-                verdict = "holds" if holds else "does NOT hold (everywhere)"
+                verdict = _verdict([(d, o < u) for d, u, o in pairs])
                 out.append(
                     f"- OWL vs uniform, {method} at {_level_name(level)}: {text}: {verdict}."
                 )
@@ -204,7 +203,7 @@ def claims(payload: dict) -> list[str]:
     ]
     if all(r is not None and w is not None for _, r, w in pairs):
         text = ", ".join(f"{d} RIA {r:.2f} vs Wanda {w:.2f}" for d, r, w in pairs)
-        verdict = "holds" if all(r <= w for _, r, w in pairs) else "does NOT hold (everywhere)"
+        verdict = _verdict([(d, r <= w) for d, r, w in pairs])
         out.append(f"- RIA <= Wanda at 50%: {text}: {verdict}.")
     perm = results.get(Run("ria", "2:4", "uniform", True).key)
     if perm and perm["permutation"] and perm["permutation"]["retained_permuted_layers"]:
@@ -318,6 +317,17 @@ def main() -> None:
         result = run_one(run, args, allocations)
         tqdm.write(f"{run.key}: {result['perplexity']} ({result['prune_time_s']:.0f} s prune)")
         sync({run.key: result})
+
+
+def _verdict(checks: list[tuple[str, bool]]) -> str:
+    """'holds', 'does NOT hold', or where it holds and where not, from (dataset, ok) pairs."""
+    good = [d for d, ok in checks if ok]
+    if len(good) == len(checks):
+        return "holds"
+    if not good:
+        return "does NOT hold"
+    bad = [d for d, ok in checks if not ok]
+    return f"holds on {', '.join(good)}, NOT on {', '.join(bad)}"
 
 
 def permutation_check(args) -> None:
