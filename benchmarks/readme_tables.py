@@ -1,6 +1,6 @@
-"""Copy each benchmark's latest Markdown table into the README.
+"""Copy each benchmark's latest Markdown table into the README and the docs pages.
 
-The README's benchmark sections hold a marked block per results file:
+The README's benchmark sections (and docs/*.md) hold a marked block per results file:
 
     <!-- results: benchmarks/results/core.md -->
     ...the table, rewritten by this script...
@@ -34,8 +34,10 @@ def refresh(readme: str) -> str:
 
 
 def main() -> None:
-    path = ROOT / "README.md"
-    path.write_text(refresh(path.read_text()))
+    for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        text = path.read_text()
+        if BLOCK.search(text):
+            path.write_text(refresh(text))
 
 
 if __name__ == "__main__":
