@@ -67,6 +67,7 @@ def prune_options(run: str, args: argparse.Namespace) -> tuple[str, dict, int, i
 def markdown(payload: dict) -> str:
     a = payload["args"]
     methods = a["methods"].split(",")
+    datasets = a.get("datasets", "wikitext2").split(",")
     calibration = []
     if {"slicegpt", "slicegpt_width"} & set(methods):
         calibration.append(f"SliceGPT {a['nsamples']} x {a['seqlen']} tokens")
@@ -77,18 +78,21 @@ def markdown(payload: dict) -> str:
             f"{a['bonsai_channel_group']} channels per unit"
         )
     lines = [
-        f"Model {a['model']}; WikiText-2 test perplexity on the first "
+        f"Model {a['model']}; test perplexity on the first "
         f"{a['eval_limit'] or 'all'} windows of {a['eval_seqlen']} tokens; calibration from "
         f"WikiText-2 valid ({'; '.join(calibration)}); prefill: batch 1, {a['prompt']} tokens, "
         f"{a['repeats']} interleaved repeats, medians, {a['threads']} threads.",
         "",
-        "| method | target | decoder removed | params (total) | wikitext2 ppl | "
-        "prefill tok/s (x dense) | prune s | notes |",
-        "|---|---|---|---|---|---|---|---|",
+        "| method | target | decoder removed | params (total) | "
+        + "".join(f"{name} ppl | " for name in datasets)
+        + "prefill tok/s (x dense) | prune s | notes |",
+        "|---|---|---|---|" + "---|" * len(datasets) + "---|---|---|",
     ]
     d = payload["dense"]
     lines.append(
-        f"| dense | - | 0 | {d['parameters'] / 1e6:.2f}M | {d['wikitext2']:.2f} | - | - | - |"
+        f"| dense | - | 0 | {d['parameters'] / 1e6:.2f}M | "
+        + "".join(f"{d[name]:.2f} | " for name in datasets)
+        + "- | - | - |"
     )
     for r in payload["runs"]:
         s = r["speed"]
@@ -98,8 +102,9 @@ def markdown(payload: dict) -> str:
             note = f"width {width} of {hidden}; head untied"
         lines.append(
             f"| {r['method']} | {r['sparsity']} | {r['decoder_share_removed']:.3f} "
-            f"| {r['parameters'] / 1e6:.2f}M | {r['wikitext2']:.2f} "
-            f"| {s['pruned_tok_s']:.0f} ({s['speedup']:.2f}x) | {r['prune_s']:.0f} | {note} |"
+            f"| {r['parameters'] / 1e6:.2f}M | "
+            + "".join(f"{r[name]:.2f} | " for name in datasets)
+            + f"{s['pruned_tok_s']:.0f} ({s['speedup']:.2f}x) | {r['prune_s']:.0f} | {note} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -118,6 +123,7 @@ def main() -> None:
     parser.add_argument("--bonsai-channel-group", type=int, default=192)
     parser.add_argument("--eval-limit", type=int, default=None)
     parser.add_argument("--eval-seqlen", type=int, default=1024)
+    parser.add_argument("--datasets", default="wikitext2,ptb", help="perplexity test sets")
     parser.add_argument("--prompt", type=int, default=512, help="prefill tokens")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
@@ -125,14 +131,15 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
+    datasets = args.datasets.split(",")
     dense = prunekit.load_model(args.model)
-    ppl = prunekit.evaluate(dense, ["wikitext2"], args.eval_seqlen, args.eval_limit)
+    ppl = prunekit.evaluate(dense, datasets, args.eval_seqlen, args.eval_limit)
     payload = {
         "args": vars(args),
         "dense": {
             "parameters": count_parameters(dense.model),
             "decoder_parameters": decoder_parameters(dense.adapter),
-            "wikitext2": ppl["wikitext2"]["perplexity"],
+            **{name: ppl[name]["perplexity"] for name in datasets},
             "evaluation": ppl,
         },
         "runs": [],
@@ -148,7 +155,7 @@ def main() -> None:
                 lm, method, sparsity, nsamples=nsamples, seqlen=seqlen, options=options
             )
             prune_s = time.perf_counter() - start
-            ppl = prunekit.evaluate(lm, ["wikitext2"], args.eval_seqlen, args.eval_limit)
+            ppl = prunekit.evaluate(lm, datasets, args.eval_seqlen, args.eval_limit)
             details = {k: v for k, v in record.details.items() if k != "kept"}
             if "kept" in record.details:
                 kept = record.details["kept"].values()
@@ -163,13 +170,13 @@ def main() -> None:
                 "parameters_before": record.parameters_before,
                 "decoder_share_removed": record.details["decoder_share_removed"],
                 "prune_s": prune_s,
-                "wikitext2": ppl["wikitext2"]["perplexity"],
+                **{name: ppl[name]["perplexity"] for name in datasets},
                 "evaluation": ppl,
                 "details": details,
                 "speed": prefill_speed(dense.model, lm.model, prompt, args.repeats),
             }
             payload["runs"].append(run)
-            print(json.dumps({k: run[k] for k in ("method", "sparsity", "wikitext2")}), flush=True)
+            print(json.dumps({k: run[k] for k in ("method", "sparsity", *datasets)}), flush=True)
             RESULTS.mkdir(parents=True, exist_ok=True)
             (RESULTS / f"{args.name}.json").write_text(json.dumps(payload, indent=2) + "\n")
             (RESULTS / f"{args.name}.md").write_text(markdown(payload))
