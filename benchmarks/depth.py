@@ -28,6 +28,7 @@ import prunekit
 from prunekit import api, early_exit
 from prunekit.data import calibration_windows, evaluation_windows, load_text
 from prunekit.eval.speed import interleaved, medians, prompt_ids
+from prunekit.eval.zeroshot import evaluate_tasks
 from prunekit.masks import prune_count
 from prunekit.record import count_parameters
 from prunekit.surgery_depth import remove_blocks
@@ -63,6 +64,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--ee-eval", type=int, default=8, help="early-exit scoring windows")
     p.add_argument("--ee-seqlen", type=int, default=256)
     p.add_argument("--ee-thresholds", default="0.5,0.6,0.7,0.8,0.9")
+    p.add_argument(
+        "--ee-task-thresholds", default="0.6,0.7", help="early-exit thresholds scored on --tasks"
+    )
+    p.add_argument(
+        "--early-exit-only", action="store_true", help="only redo the early-exit study in --out"
+    )
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-speed", action="store_true", help="skip the speed measurement")
     p.add_argument(
@@ -218,7 +225,41 @@ def early_exit_study(args) -> dict:
     for threshold in [float(t) for t in args.ee_thresholds.split(",")]:
         rows.append(dataclasses.replace(policy, threshold=threshold).score_views(views, test))
         print(json.dumps(rows[-1]), flush=True)
-    return {"policy": policy.as_dict(), "fit_s": fit_s, "scores": rows}
+    return {
+        "policy": policy.as_dict(),
+        "fit_s": fit_s,
+        "scores": rows,
+        "zero_shot": early_exit_zero_shot(lm, policy, args),
+    }
+
+
+def early_exit_zero_shot(lm, policy, args) -> list[dict]:
+    """Zero-shot accuracy with every scored position read at its exit block (`--tasks`)."""
+    tasks = [t for t in args.tasks.split(",") if t]
+    rows = []
+    for threshold in [float(t) for t in args.ee_task_thresholds.split(",") if t] if tasks else []:
+        model = early_exit.ExitLogits(lm, dataclasses.replace(policy, threshold=threshold))
+        scored = evaluate_tasks(model, lm.tokenizer, tasks, limit=args.task_limit, batch_size=1)
+        rows.append(
+            {
+                "threshold": threshold,
+                "mean_blocks_used": model.blocks_used / max(model.positions, 1),
+                "blocks": policy.num_blocks,
+                **{t: scored[t]["acc"] for t in tasks},
+            }
+        )
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def early_exit_only(args) -> None:
+    """Redo the early-exit study and put it into --out's report."""
+    out = Path(args.out).with_suffix(".json")
+    report = json.loads(out.read_text())
+    report["early_exit"] = early_exit_study(args)
+    report["early_exit_command"] = command(args)
+    write(report, args)
+    print(markdown(report))
 
 
 def markdown(report: dict) -> str:
@@ -298,6 +339,30 @@ def markdown(report: dict) -> str:
                 f"{s['agreement_with_full']:.3f} | {s['accuracy']:.3f} ({s['full_accuracy']:.3f})"
                 f" | {s['perplexity']:.1f} ({s['full_perplexity']:.1f}) |"
             )
+        if ee.get("zero_shot"):
+            tasks = [
+                k
+                for k in ee["zero_shot"][0]
+                if k not in ("threshold", "mean_blocks_used", "blocks")
+            ]
+            dense = report["dense"]["metrics"]
+            lines += [
+                "",
+                "Zero-shot accuracy with early exit (each scored token read at its exit "
+                f"block; first {args['task_limit']} items per task, batch 1):",
+                "",
+                "| threshold | mean blocks used | " + " | ".join(f"{t} acc" for t in tasks) + " |",
+                "|---|---|" + "---|" * len(tasks),
+                f"| full model | {report['dense']['blocks']} | "
+                + " | ".join(f"{dense[t]:.3f}" for t in tasks)
+                + " |",
+            ]
+            for z in ee["zero_shot"]:
+                lines.append(
+                    f"| {z['threshold']:g} | {z['mean_blocks_used']:.2f} / {z['blocks']} | "
+                    + " | ".join(f"{z[t]:.3f}" for t in tasks)
+                    + " |"
+                )
     return "\n".join(lines) + "\n"
 
 
@@ -358,6 +423,9 @@ def main() -> None:
     if args.speed_only:
         torch.set_num_threads(args.threads)
         return speed_only(args)
+    if args.early_exit_only:
+        torch.set_num_threads(args.threads)
+        return early_exit_only(args)
     torch.set_num_threads(args.threads)
     ratios = [float(r) for r in args.ratios.split(",")]
     labels = [x for x in args.methods.split(",") if x]

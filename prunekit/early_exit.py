@@ -27,9 +27,11 @@ import math
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from tqdm.auto import tqdm
 
 from prunekit.errors import PrunekitError
@@ -255,6 +257,49 @@ class EarlyExitPolicy:
     @classmethod
     def load(cls, path: str | Path) -> EarlyExitPolicy:
         return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+class ExitLogits(nn.Module):
+    """The model read through an early-exit policy, for log-likelihood scoring.
+
+    Every position's logits come from the first block where `policy` stops for it (per
+    position, as `EarlyExitPolicy.score` does). All blocks are computed; `blocks_used` and
+    `positions` count the blocks an exiting forward would have run, so
+    `blocks_used / positions` is the mean depth. Use batch size 1 so no padding is counted.
+    """
+
+    def __init__(self, lm: LoadedModel, policy: EarlyExitPolicy):
+        super().__init__()
+        policy._check_model(lm)
+        self.model, self.adapter, self.policy = lm.model, lm.adapter, policy
+        self.config = lm.model.config
+        self.blocks_used = 0
+        self.positions = 0
+
+    @torch.no_grad()
+    def forward(
+        self, input_ids: torch.Tensor, logits_to_keep: int = 0, **kwargs
+    ) -> SimpleNamespace:
+        """Logits [B, K, V] of the last K = `logits_to_keep` positions (all when 0)."""
+        kwargs["use_cache"] = False
+        with block_outputs(self.adapter) as outputs:
+            self.model(input_ids=input_ids, logits_to_keep=1, **kwargs)
+        keep = logits_to_keep or input_ids.shape[1]
+        result, done = None, None
+        for index, hidden in enumerate(outputs):
+            logits = head_logits(self.adapter, hidden[:, -keep:])
+            stop = self.policy.stop_probability(exit_features(logits)) >= self.policy.threshold
+            if result is None:
+                result = torch.empty_like(logits)
+                done = torch.zeros(stop.shape, dtype=torch.bool, device=stop.device)
+            if index == len(outputs) - 1:
+                stop = torch.ones_like(done)
+            new = stop & ~done
+            result[new] = logits[new]
+            self.blocks_used += int(new.sum()) * (index + 1)
+            done |= new
+        self.positions += done.numel()
+        return SimpleNamespace(logits=result)
 
 
 def train_logistic(

@@ -88,3 +88,35 @@ def test_policy_round_trips_and_checks_the_model(easy, tmp_path):
         policy.score(shallow, torch.zeros(1, 8, dtype=torch.long))
     with pytest.raises(prunekit.PrunekitError, match=r"threshold must be in \(0, 1\)"):
         early_exit.fit(lm, torch.zeros(1, 8, dtype=torch.long), threshold=1.0)
+
+
+def _constant_policy(bias: float) -> early_exit.EarlyExitPolicy:
+    """A policy that always (bias > 0) or never (bias < 0) stops, for stories260K."""
+    return early_exit.EarlyExitPolicy(
+        weight=[0.0, 0.0], bias=bias, mean=[0.0, 0.0], std=[1.0, 1.0], threshold=0.5, num_blocks=5
+    )
+
+
+def test_exit_logits_score_zero_shot_requests_at_the_exit_block(stories):
+    """Zero-shot scoring through a policy: stopping after block 0 everywhere scores like the
+    model cut to its first block; never stopping scores like the full model."""
+    from prunekit.eval.loglik import loglikelihoods
+    from prunekit.surgery_depth import remove_blocks
+
+    requests = [("Once upon a time there", " was a girl"), ("The cat sat", " on the mat")]
+
+    def scores(model) -> list[float]:
+        found = loglikelihoods(model, stories.tokenizer, requests, batch_size=1, desc=None)
+        return [s.logprob for s in found]
+
+    never = early_exit.ExitLogits(stories, _constant_policy(-50.0))
+    assert scores(never) == pytest.approx(scores(stories.model), abs=1e-5)
+    assert never.blocks_used == 5 * never.positions
+
+    always = early_exit.ExitLogits(stories, _constant_policy(50.0))
+    exited = scores(always)
+    assert always.blocks_used == always.positions
+    first_block_only = prunekit.load_model("stories260k")
+    remove_blocks(first_block_only.adapter, [1, 2, 3, 4])
+    assert exited == pytest.approx(scores(first_block_only.model), abs=1e-4)
+    assert exited != pytest.approx(scores(stories.model), abs=1e-2)
