@@ -237,7 +237,9 @@ def early_exit_zero_shot(lm, policy, args) -> list[dict]:
     """Zero-shot accuracy with every scored position read at its exit block (`--tasks`)."""
     tasks = [t for t in args.tasks.split(",") if t]
     rows = []
-    for threshold in [float(t) for t in args.ee_task_thresholds.split(",") if t] if tasks else []:
+    if not tasks:
+        return rows
+    for threshold in [float(t) for t in args.ee_task_thresholds.split(",") if t]:
         model = early_exit.ExitLogits(lm, dataclasses.replace(policy, threshold=threshold))
         scored = evaluate_tasks(model, lm.tokenizer, tasks, limit=args.task_limit, batch_size=1)
         rows.append(

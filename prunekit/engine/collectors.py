@@ -63,12 +63,11 @@ class Hessian(Collector):
         self.xtx = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
         parts = self.chunks if in_features >= self.min_split else 1
         step = -(-in_features // parts)
-        self.starts = list(range(0, in_features, step))
+        self.spans = [(a, min(a + step, in_features)) for a in range(0, in_features, step)]
 
     def update(self, x: torch.Tensor) -> None:
         x = x.float()
-        ends = [*self.starts[1:], self.in_features]
-        for start, end in zip(self.starts, ends, strict=True):
+        for start, end in self.spans:
             self.xtx[start:end, start:].addmm_(x[:, start:end].t(), x[:, start:])
         self.tokens += x.shape[0]
 

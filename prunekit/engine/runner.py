@@ -74,10 +74,7 @@ class BlockContext:
         modules = self.linears() if modules is None else modules
         with attach_collectors(modules, names, self.runner.device) as collectors:
             self.runner.sweep_block(self.index, self.inputs)
-        return {
-            path: {name: c.result() for name, c in per_layer.items()}
-            for path, per_layer in collectors.items()
-        }
+        return collected_stats(collectors)
 
 
 @contextmanager
@@ -101,7 +98,7 @@ def attach_collectors(
                 return
             x = args[0].detach()
             if path not in collectors:
-                if last[0] is not None and x.shape == last[0].shape and _same(x, last[0]):
+                if last[0] is not None and _same(x, last[0]):
                     collectors[path] = collectors[last[1]]
                     shared.add(path)
                     return
@@ -123,9 +120,22 @@ def attach_collectors(
             h.remove()
 
 
+def collected_stats(collectors: dict[str, dict[str, Collector]]) -> dict[str, LayerStats]:
+    """`{path: {statistic name: tensor}}` from what `attach_collectors` gathered."""
+    return {
+        path: {name: c.result() for name, c in per_layer.items()}
+        for path, per_layer in collectors.items()
+    }
+
+
 def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether two tensors are views of the same memory with the same layout."""
-    return a.data_ptr() == b.data_ptr() and a.stride() == b.stride() and a._version == b._version
+    """Whether two tensors are the same view of the same, unmodified memory."""
+    return (
+        a.data_ptr() == b.data_ptr()
+        and a.shape == b.shape
+        and a.stride() == b.stride()
+        and a._version == b._version
+    )
 
 
 class SequentialRunner:
@@ -227,16 +237,12 @@ class SequentialRunner:
             block.to(self.device)
             ctx = BlockContext(self, index)
             dense_out = None
-            if self.collect or self.propagate == "dense":
+            if self.propagate == "dense":  # statistics from the pass that gives the outputs
                 with attach_collectors(ctx.linears(), list(self.collect), self.device) as found:
-                    if self.propagate == "dense":
-                        dense_out = ctx.forward()
-                    else:
-                        self.sweep_block(index, ctx.inputs)
-                ctx.stats = {
-                    path: {name: c.result() for name, c in per_layer.items()}
-                    for path, per_layer in found.items()
-                }
+                    dense_out = ctx.forward()
+                ctx.stats = collected_stats(found)
+            elif self.collect:
+                ctx.stats = ctx.collect(self.collect)
             yield ctx
             if dense_out is None:
                 reuse = ctx.inputs if self.overwrite_inputs else None
