@@ -41,7 +41,7 @@ def one_run(args: argparse.Namespace) -> dict:
 
     import prunekit
     from prunekit.data import calibration_windows, load_text
-    from prunekit.record import count_parameters, peak_rss_mb
+    from prunekit.export.record import count_parameters, peak_rss_mb
 
     torch.set_num_threads(args.threads)
     import_rss = peak_rss_mb()  # the interpreter, torch and transformers: no model yet

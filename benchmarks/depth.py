@@ -25,13 +25,14 @@ from pathlib import Path
 import torch
 
 import prunekit
-from prunekit import api, early_exit
+from prunekit import api
 from prunekit.data import calibration_windows, evaluation_windows, load_text
 from prunekit.eval.speed import interleaved, medians, prompt_ids
 from prunekit.eval.zeroshot import evaluate_tasks
-from prunekit.masks import prune_count
-from prunekit.record import count_parameters
-from prunekit.surgery_depth import remove_blocks
+from prunekit.export.record import count_parameters
+from prunekit.inference import early_exit
+from prunekit.surgery.depth import remove_blocks
+from prunekit.surgery.masks import prune_count
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ROWS = [  # (label, method, options), cheapest first; SLEB (O(n²) per removal) last

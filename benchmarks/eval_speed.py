@@ -58,7 +58,7 @@ def main() -> None:
     from prunekit.eval.loglik import loglikelihoods
     from prunekit.eval.tasks import load_task
     from prunekit.eval.zeroshot import multiple_choice_metrics
-    from prunekit.record import versions
+    from prunekit.export.record import versions
 
     torch.set_num_threads(args.threads)
     lm = prunekit.load_model(args.model)

@@ -22,8 +22,8 @@ import torch
 
 import prunekit
 from prunekit.eval.speed import forward_seconds, interleaved, medians, prompt_ids
-from prunekit.record import count_parameters
-from prunekit.surgery import decoder_parameters
+from prunekit.export.record import count_parameters
+from prunekit.surgery.width import decoder_parameters
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -29,8 +29,8 @@ from prunekit.eval.speed import (
     prefill_seconds,
     prompt_ids,
 )
-from prunekit.record import count_parameters
-from prunekit.surgery import decoder_parameters
+from prunekit.export.record import count_parameters
+from prunekit.surgery.width import decoder_parameters
 
 RESULTS = Path(__file__).resolve().parent / "results"
 METHODS = ("magnitude_sp", "wanda_sp", "flap", "llm_pruner")

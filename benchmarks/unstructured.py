@@ -29,7 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 import prunekit
-from prunekit.allocation import get_allocation
+from prunekit.allocations import get_allocation
 from prunekit.methods import REGISTRY
 
 RESULTS = Path(__file__).resolve().parent / "results"

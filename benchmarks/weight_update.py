@@ -64,10 +64,10 @@ def layer_part(args: argparse.Namespace) -> dict:
 
     import prunekit
     from prunekit.engine import SequentialRunner
-    from prunekit.masks import Pattern, Target, make_mask
     from prunekit.methods import get_method
-    from prunekit.methods.wanda import Wanda
-    from prunekit.updates import get_update
+    from prunekit.methods.unstructured.updates import get_update
+    from prunekit.methods.unstructured.wanda import Wanda
+    from prunekit.surgery.masks import Pattern, Target, make_mask
 
     lm = prunekit.load_model(args.model)
     windows = calibration(lm, args)

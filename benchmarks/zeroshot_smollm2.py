@@ -33,7 +33,7 @@ def main() -> None:
     import prunekit
     from prunekit.eval.tasks import TASKS
     from prunekit.eval.zeroshot import evaluate_tasks
-    from prunekit.record import versions
+    from prunekit.export.record import versions
 
     torch.set_num_threads(args.threads)
     lm = prunekit.load_model(args.model)

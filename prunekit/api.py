@@ -10,29 +10,30 @@ from typing import Any
 
 import torch
 
-from prunekit.allocation import Allocation, allocate, get_allocation
-from prunekit.data import DATASETS, calibration_windows, check_dataset, load_text
+from prunekit.allocations import Allocation, allocate, get_allocation
+from prunekit.data import DATASETS, calibration_windows, check_dataset, check_protocol, load_text
 from prunekit.engine.runner import PROPAGATION
 from prunekit.errors import PrunekitError, choice_error
 from prunekit.eval.perplexity import perplexity
 from prunekit.eval.tasks import TASKS, canonical_task
 from prunekit.eval.zeroshot import evaluate_tasks
-from prunekit.export import save_pruned
-from prunekit.masks import SCOPES, Pattern, check_sparsity
-from prunekit.methods import LayerwiseMethod, Method, MethodConfig, PruneRequest, get_method
-from prunekit.models.adapter import weight_matrix
-from prunekit.models.loading import LoadedModel, load_model, load_pruned
-from prunekit.record import (
+from prunekit.export.folder import save_pruned
+from prunekit.export.record import (
     PruneRecord,
     count_parameters,
     layer_sparsity,
     overall_sparsity,
     peak_rss_mb,
 )
-from prunekit.updates import WeightUpdate, get_update
+from prunekit.methods import LayerwiseMethod, Method, MethodConfig, PruneRequest, get_method
+from prunekit.methods.unstructured.updates import WeightUpdate, get_update
+from prunekit.models.adapter import weight_matrix
+from prunekit.models.loading import LoadedModel, load_model, load_pruned
+from prunekit.surgery.masks import SCOPES, Pattern, check_sparsity
 
 __all__ = [
     "check_evaluation_name",
+    "check_protocol",
     "evaluate",
     "is_zeroshot_task",
     "load_model",
@@ -147,7 +148,7 @@ def plan_prune(
     method: str,
     sparsity: float | None,
     pattern: str = "unstructured",
-    scope: str = "row",
+    scope: str | None = None,
     nsamples: int = 64,
     calib: str = "wikitext2",
     options: dict[str, Any] | None = None,
@@ -159,6 +160,7 @@ def plan_prune(
     """Check everything about a request that does not need the model; one-line errors.
 
     `method` may be `"NAME+UPDATE"` (e.g. `"wanda+admm"`), the same as `update="UPDATE"`.
+    `scope` None takes the method's reference scope (`Method.default_scope`).
     """
     method, update = split_method(method, update)
     method_cls = get_method(method)
@@ -175,6 +177,7 @@ def plan_prune(
         sparsity = parsed.sparsity
     if sparsity is None:
         raise PrunekitError("sparsity is required with an unstructured pattern")
+    scope = method_cls.default_scope if scope is None else scope
     if scope not in SCOPES:
         raise choice_error("scope", scope, SCOPES)
     if nsamples < 1:
@@ -211,7 +214,7 @@ def prune(
     nsamples: int = 64,
     seqlen: int = 512,
     seed: int = 0,
-    scope: str = "row",
+    scope: str | None = None,
     allocation: str | Allocation = "uniform",
     device: str = "cpu",
     batch_size: int = 8,
@@ -219,6 +222,7 @@ def prune(
     propagate: str = "pruned",
     update: str = "none",
     update_options: dict[str, Any] | None = None,
+    protocol: str = "reference",
 ) -> PruneRecord:
     """Plan (`plan_prune`) and run (`run_plan`) a pruning of `lm.model` in place.
 
@@ -228,6 +232,8 @@ def prune(
     `file:PATH.json` (block index -> ratio), or an `Allocation` instance.
     `update` re-fits the kept weights after the mask ("admm", "alps", "sparsegpt"; or
     write `method="wanda+admm"`), with `update_options` its own options.
+    `protocol` cuts the calibration windows: "reference" (random crops of the token
+    stream, as the papers do) or "bos" (BOS first in every window).
     """
     plan = plan_prune(
         method,
@@ -242,20 +248,29 @@ def prune(
         update,
         update_options,
     )
-    return run_plan(lm, plan, seqlen=seqlen, seed=seed, device=device, batch_size=batch_size)
+    return run_plan(
+        lm,
+        plan,
+        seqlen=seqlen,
+        seed=seed,
+        device=device,
+        batch_size=batch_size,
+        protocol=protocol,
+    )
 
 
 def _calibration(
-    lm: LoadedModel, plan: PrunePlan, seqlen: int, seed: int
+    lm: LoadedModel, plan: PrunePlan, seqlen: int, seed: int, protocol: str
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """The plan's calibration windows [nsamples, seqlen] and their description for the record."""
     source = load_text(plan.calib, purpose="calib")
-    windows = calibration_windows(lm.tokenizer, source.text, plan.nsamples, seqlen, seed)
+    windows = calibration_windows(lm.tokenizer, source.text, plan.nsamples, seqlen, seed, protocol)
     return windows, {
         "source": source.describe(),
         "nsamples": plan.nsamples,
         "seqlen": seqlen,
         "seed": seed,
+        "protocol": protocol,
         "windows_sha256": hashlib.sha256(windows.numpy().tobytes()).hexdigest(),
     }
 
@@ -268,12 +283,15 @@ def run_plan(
     seed: int = 0,
     device: str = "cpu",
     batch_size: int = 8,
+    protocol: str = "reference",
 ) -> PruneRecord:
     """Prune `lm.model` in place as `plan` (from `plan_prune`) says; return how it was done.
 
     `seqlen` is the calibration window length (tokens), `seed` seeds every random choice,
-    `device` is where the current block computes, `batch_size` windows per forward pass.
+    `device` is where the current block computes, `batch_size` windows per forward pass,
+    `protocol` how calibration windows are cut ("reference" or "bos").
     """
+    check_protocol(protocol)
     _check_seqlen(lm, seqlen)
     if plan.pattern.is_nm:
         _check_nm_shapes(lm, plan.pattern)
@@ -283,7 +301,7 @@ def run_plan(
     torch.manual_seed(seed)
     windows, calibration = None, None
     if plan.needs_calibration:
-        windows, calibration = _calibration(lm, plan, seqlen, seed)
+        windows, calibration = _calibration(lm, plan, seqlen, seed, protocol)
     params_before = count_parameters(lm.model)
     allocated = allocate(plan.allocation, lm, windows, request)
     request.layer_sparsity = allocated.ratios
@@ -331,6 +349,7 @@ def evaluate(
     limit: int | None = None,
     batch_size: int | None = None,
     backend: str = "prunekit",
+    protocol: str = "reference",
 ) -> dict[str, dict[str, Any]]:
     """Evaluate `lm` on each name in `tasks`: `{name: result dict}`, in the given order.
 
@@ -340,7 +359,12 @@ def evaluate(
     first `limit` windows of a perplexity dataset and the first `limit` items of a task.
     `batch_size`: windows (default 1) or packed items (default 16) per forward pass.
     `backend` scores zero-shot tasks with prunekit or lm-eval's HFLM ("lm-eval").
+    `protocol` cuts perplexity windows: "reference" (the field's: nothing added to a
+    window) or "bos" (BOS first in every window); it is written into each result.
     """
+    if isinstance(tasks, str):
+        tasks = [tasks]
+    check_protocol(protocol)
     for task in tasks:
         check_evaluation_name(task)
     zeroshot = [t for t in tasks if is_zeroshot_task(t)]
@@ -352,7 +376,9 @@ def evaluate(
         if task in scored:
             results[task] = scored[task]
         else:
-            result = perplexity(lm.model, lm.tokenizer, task, seqlen, limit, batch_size or 1)
+            result = perplexity(
+                lm.model, lm.tokenizer, task, seqlen, limit, batch_size or 1, protocol
+            )
             results[task] = result.as_dict()
     return results
 

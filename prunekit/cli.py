@@ -11,13 +11,13 @@ from typing import Any
 import typer
 
 from prunekit import api
-from prunekit.allocation import ALLOCATIONS
+from prunekit.allocations import ALLOCATIONS
 from prunekit.errors import PrunekitError
 from prunekit.eval.llmkick import format_llmkick, llmkick_view
-from prunekit.export import check_output_dir
+from prunekit.export.folder import check_output_dir
+from prunekit.export.record import PruneRecord
 from prunekit.methods import REGISTRY
-from prunekit.record import PruneRecord
-from prunekit.updates import UPDATES
+from prunekit.methods.unstructured.updates import UPDATES
 
 app = typer.Typer(
     add_completion=False,
@@ -110,7 +110,9 @@ def prune(
     method: str = typer.Option("wanda", help="pruning method (see `prunekit methods`)"),
     sparsity: float | None = typer.Option(None, help="share of weights removed, in [0, 1)"),
     pattern: str = typer.Option("unstructured", help="unstructured, or N:M such as 2:4"),
-    scope: str = typer.Option("row", help="unstructured comparison group: row or layer"),
+    scope: str | None = typer.Option(
+        None, help="unstructured comparison group: row or layer [default: the method's own]"
+    ),
     allocation: str = typer.Option(
         "uniform", help="per-block sparsity: uniform, owl[:m=5,lam=0.08], file:PATH.json"
     ),
@@ -137,6 +139,10 @@ def prune(
     eval_limit: int | None = typer.Option(
         None, help="evaluate only the first N windows / task items"
     ),
+    ppl_protocol: str = typer.Option(
+        "reference",
+        help="calibration / perplexity windows: reference (nothing added) or bos (BOS first)",
+    ),
     json_path: Path | None = typer.Option(None, "--json", help="write the run's record here"),
 ) -> None:
     """Prune MODEL and optionally evaluate and save it."""
@@ -157,14 +163,23 @@ def prune(
         update=update,
         update_options=_parse_options(update_opt),
     )
+    api.check_protocol(ppl_protocol)
     tasks = _split(eval)
     for task in tasks:
         api.check_evaluation_name(task)
     lm = api.load_model(model, device="cpu")
-    dense = api.evaluate(lm, tasks, eval_seqlen, eval_limit) if tasks else {}
-    record = api.run_plan(lm, plan, seqlen=seqlen, seed=seed, device=device, batch_size=batch_size)
+    dense = api.evaluate(lm, tasks, eval_seqlen, eval_limit, protocol=ppl_protocol) if tasks else {}
+    record = api.run_plan(
+        lm,
+        plan,
+        seqlen=seqlen,
+        seed=seed,
+        device=device,
+        batch_size=batch_size,
+        protocol=ppl_protocol,
+    )
     if tasks:
-        pruned = api.evaluate(lm, tasks, eval_seqlen, eval_limit)
+        pruned = api.evaluate(lm, tasks, eval_seqlen, eval_limit, protocol=ppl_protocol)
         record.evaluation = {"dense": dense, "pruned": pruned}
     typer.echo(
         f"{method} on {model}: {_outcome(record)}, {record.wall_time_s:.1f} s, "
@@ -190,11 +205,15 @@ def evaluate(
         None, help="windows (default 1) or task items (default 16) per forward pass"
     ),
     backend: str = typer.Option("prunekit", help="zero-shot scorer: prunekit or lm-eval"),
+    ppl_protocol: str = typer.Option(
+        "reference", help="perplexity windows: reference (nothing added) or bos (BOS first)"
+    ),
     json_path: Path | None = typer.Option(None, "--json", help="write results here"),
 ) -> None:
     """Perplexity and zero-shot accuracy of MODEL on each dataset and task."""
+    api.check_protocol(ppl_protocol)
     lm = api.load_model(model)
-    results = api.evaluate(lm, _split(tasks), seqlen, limit, batch_size, backend)
+    results = api.evaluate(lm, _split(tasks), seqlen, limit, batch_size, backend, ppl_protocol)
     _print_results(results)
     _write_json(json_path, {"model": model, "results": results})
 

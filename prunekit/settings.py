@@ -1,9 +1,11 @@
-"""Where prunekit finds local data and keeps its cache (environment settings)."""
+"""prunekit's version, where it finds local data and where it keeps its cache."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+
+VERSION = "0.1.0"
 
 
 def data_dir() -> Path | None:

@@ -9,7 +9,7 @@ from tiny_models import tiny_model
 
 import prunekit
 from prunekit.methods import PruneRequest
-from prunekit.methods.besa import LearnedSparsity, exact_counts, importance_ranks
+from prunekit.methods.unstructured.besa import LearnedSparsity, exact_counts, importance_ranks
 from prunekit.models import LoadedModel, adapter_for
 from prunekit.models.adapter import weight_matrix
 

@@ -8,7 +8,7 @@ import torch
 
 import prunekit
 from prunekit.data import load_text
-from prunekit.methods.bonsai import (
+from prunekit.methods.width.bonsai import (
     CHANNELS,
     GROUP,
     BonsaiConfig,
@@ -18,7 +18,7 @@ from prunekit.methods.bonsai import (
     mean_loss,
     remove_units,
 )
-from prunekit.surgery import decoder_parameters
+from prunekit.surgery.width import decoder_parameters
 
 FAST = {"iterations": 2, "samples": 8, "channel_group": 32}
 

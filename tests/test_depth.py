@@ -14,9 +14,9 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 import prunekit
 from prunekit.methods import PruneRequest, get_method
-from prunekit.methods.depth_base import blocks_to_remove
+from prunekit.methods.depth.base import blocks_to_remove
 from prunekit.models import adapter_for
-from prunekit.surgery_depth import _update_config, merge_into, mergeable_parameters, remove_blocks
+from prunekit.surgery.depth import _update_config, merge_into, mergeable_parameters, remove_blocks
 
 DEPTH_METHODS = [
     ("shortgpt", {}),

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import prunekit
-from prunekit import early_exit
+from prunekit.inference import early_exit
 
 
 def _make_last_blocks_identity(lm, first_identity: int) -> None:
@@ -81,7 +81,7 @@ def test_policy_round_trips_and_checks_the_model(easy, tmp_path):
     loaded = early_exit.EarlyExitPolicy.load(policy.save(tmp_path / "policy.json"))
     assert loaded == policy
     shallow = prunekit.load_model("stories260k")
-    from prunekit.surgery_depth import remove_blocks
+    from prunekit.surgery.depth import remove_blocks
 
     remove_blocks(shallow.adapter, [4])
     with pytest.raises(prunekit.PrunekitError, match="trained on 5 blocks; the model has 4"):
@@ -101,7 +101,7 @@ def test_exit_logits_score_zero_shot_requests_at_the_exit_block(stories):
     """Zero-shot scoring through a policy: stopping after block 0 everywhere scores like the
     model cut to its first block; never stopping scores like the full model."""
     from prunekit.eval.loglik import loglikelihoods
-    from prunekit.surgery_depth import remove_blocks
+    from prunekit.surgery.depth import remove_blocks
 
     requests = [("Once upon a time there", " was a girl"), ("The cat sat", " on the mat")]
 

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from prunekit.errors import PrunekitError
-from prunekit.masks import (
+from prunekit.surgery.masks import (
     Pattern,
     Target,
     global_masks,

@@ -13,12 +13,12 @@ from transformers import AutoModelForCausalLM
 
 import prunekit
 from prunekit.engine import SequentialRunner
-from prunekit.masks import Pattern, Target, is_valid_nm, make_mask
 from prunekit.methods import get_method
-from prunekit.methods.sparsegpt import sparsegpt_prune
-from prunekit.methods.wanda import Wanda
+from prunekit.methods.unstructured.sparsegpt import sparsegpt_prune
+from prunekit.methods.unstructured.wanda import Wanda
 from prunekit.models import LoadedModel, adapter_for
 from prunekit.models.adapter import weight_matrix
+from prunekit.surgery.masks import Pattern, Target, is_valid_nm, make_mask
 
 METHODS = ["magnitude", "wanda", "sparsegpt"]
 PATTERNS = ["unstructured", "2:4", "1:4"]
@@ -178,7 +178,7 @@ def test_dense_propagation_calibrates_on_the_dense_models_activations(stories, s
 
 def _sparsegpt_reference(weight, hessian, target, blocksize=128, percdamp=0.01):
     """SparseGPT's column loop written plainly (one rank-1 update per column), unstructured."""
-    from prunekit.methods.sparsegpt import (
+    from prunekit.methods.unstructured.sparsegpt import (
         _block_mask,
         _block_prune_counts,
         inverse_hessian_factor,

@@ -14,12 +14,12 @@ from transformers import AutoModelForCausalLM
 import prunekit
 from prunekit import settings
 from prunekit.data import load_text
-from prunekit.export import save_pruned
+from prunekit.export.folder import save_pruned
 from prunekit.methods import PruneRequest, get_method
-from prunekit.methods.slicegpt import sliced_parameters, sliced_width, width_for_parameters
+from prunekit.methods.width.slicegpt import sliced_parameters, sliced_width, width_for_parameters
 from prunekit.models import LoadedModel, adapter_for
 from prunekit.models.sliced_modeling import ShortcutDecoderLayer
-from prunekit.surgery import decoder_parameters
+from prunekit.surgery.width import decoder_parameters
 
 IDS = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(0))
 

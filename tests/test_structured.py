@@ -16,8 +16,8 @@ from prunekit.engine.gradients import blockwise_lm_gradients
 from prunekit.methods import PruneRequest, get_method
 from prunekit.models import LoadedModel, adapter_for
 from prunekit.models.adapter import weight_matrix
-from prunekit.structure import block_costs, keep_top, structure_ids
-from prunekit.surgery import block_widths, decoder_parameters
+from prunekit.surgery.plan import block_costs, keep_top, structure_ids
+from prunekit.surgery.width import block_widths, decoder_parameters
 
 METHODS = ["magnitude_sp", "wanda_sp", "flap", "llm_pruner"]
 NO_PROTECTION = {"protect_first": 0, "protect_last": 0}
@@ -134,8 +134,8 @@ def test_flap_bias_compensation_reduces_error_on_a_real_layer(stories, stories_c
     assert gain > 1e-3 * error_plain  # a measurable improvement on this real layer
 
     # and the method applies exactly that bias (stats from the engine's collectors)
-    from prunekit.methods.flap import FLAP
-    from prunekit.structure import BlockPlan
+    from prunekit.methods.width.flap import FLAP
+    from prunekit.surgery.plan import BlockPlan
 
     stats = ctx.collect(["input_mean"], {"mlp.down_proj": layer})
     plan = BlockPlan(groups=[0, 1, 2, 3], channels=sorted(kept.nonzero().flatten().tolist()))

@@ -15,11 +15,11 @@ from tiny_models import CONFIGS, tiny_model
 from transformers import AutoModelForCausalLM
 
 import prunekit
-from prunekit.export import save_pruned
+from prunekit.export.folder import save_pruned
 from prunekit.models import LoadedModel, adapter_for
 from prunekit.models.adapter import weight_matrix
-from prunekit.structure import structure_ids
-from prunekit.surgery import (
+from prunekit.surgery.plan import structure_ids
+from prunekit.surgery.width import (
     block_widths,
     decoder_parameters,
     keep_channels,

@@ -13,16 +13,16 @@ from tiny_models import tiny_model
 from transformers import AutoModelForCausalLM
 
 import prunekit
-from prunekit.allocation import get_allocation
+from prunekit.allocations import get_allocation
 from prunekit.allocations.owl import owl_ratios
 from prunekit.engine import SequentialRunner
-from prunekit.masks import Pattern, is_valid_nm
 from prunekit.methods import PruneRequest, get_method
-from prunekit.methods.dass import input_projection_mask, input_projection_scores
-from prunekit.methods.ria import ria_scores
+from prunekit.methods.unstructured.dass import input_projection_mask, input_projection_scores
+from prunekit.methods.unstructured.ria import ria_scores
 from prunekit.models import LoadedModel, adapter_for
 from prunekit.models.adapter import weight_matrix
-from prunekit.permutation import (
+from prunekit.surgery.masks import Pattern, is_valid_nm
+from prunekit.surgery.permutation import (
     apply_permutation,
     couplings,
     find_nm_permutation,
@@ -328,10 +328,12 @@ def test_dass_gate_mask_follows_intermediate_norms():
     w = torch.ones(8, 2)
     w[:, 1] = torch.arange(1.0, 9.0)
     z = torch.tensor([1.0, 100.0, 1.0, 100.0, 1.0, 100.0, 1.0, 100.0])
-    mask = input_projection_mask(input_projection_scores(w, z, 0.5), prunekit.masks.Target(0.5))
+    mask = input_projection_mask(
+        input_projection_scores(w, z, 0.5), prunekit.surgery.masks.Target(0.5)
+    )
     assert mask[:, 0].tolist() == [False, True] * 4  # equal |W|: the loud channels win
     nm = input_projection_mask(
-        input_projection_scores(w, z, 0.5), prunekit.masks.Target(0.5, Pattern(2, 4))
+        input_projection_scores(w, z, 0.5), prunekit.surgery.masks.Target(0.5, Pattern(2, 4))
     )
     assert is_valid_nm(w.t() * nm.t(), 2, 4)
 

@@ -15,14 +15,14 @@ from tiny_models import tiny_model
 
 import prunekit
 from prunekit.engine import SequentialRunner
-from prunekit.masks import Pattern, Target, is_valid_nm, make_mask
 from prunekit.methods import PruneRequest, get_method
-from prunekit.methods.admm_gradual import cubic_sparsity, relaxed_mask
-from prunekit.methods.wanda import Wanda
+from prunekit.methods.unstructured.admm_gradual import cubic_sparsity, relaxed_mask
+from prunekit.methods.unstructured.updates import get_update
+from prunekit.methods.unstructured.updates.admm_core import LayerProblem, pcg_on_support
+from prunekit.methods.unstructured.wanda import Wanda
 from prunekit.models import LoadedModel, adapter_for
 from prunekit.models.adapter import weight_matrix
-from prunekit.updates import get_update
-from prunekit.updates.admm_core import LayerProblem, pcg_on_support
+from prunekit.surgery.masks import Pattern, Target, is_valid_nm, make_mask
 
 FAST_ALPS = {"max_iterations": 12, "min_iterations": 6, "pcg_iterations": 20}
 FAST_GRADUAL = {"iterations": 6, "ramp": 4}

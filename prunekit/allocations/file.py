@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from prunekit.allocation import Allocated, Allocation, AllocationConfig, register_allocation
+from prunekit.allocations.base import Allocated, Allocation, AllocationConfig, register_allocation
 from prunekit.errors import PrunekitError
 from prunekit.methods.base import PruneRequest
 from prunekit.models.loading import LoadedModel

@@ -2,14 +2,15 @@
 
 A dense sequential pass scores every weight of a block with Wanda's |W_ij| · ‖X_j‖₂;
 the block's outlier ratio D is the share of those scores above `m` × their mean (over all
-linears of the block together). Blocks with more outliers are pruned less:
+linears of the block together). Blocks with more outliers are pruned less. The default
+mapping is the reference's (`lib/prune_all.py`): D is min-max scaled to span exactly 2·lam,
+
+    s_l = s - (A_l - mean A),   A_l = 2·lam · (D_l - min D) / (max D - min D)
+
+so the ratios span 2·lam with mean s (they can leave [s - lam, s + lam] when D is skewed).
+`mapping=bounded` keeps the same order and mean but bounds the deviation by lam:
 
     s_l = s - lam · (D_l - mean D) / max_k |D_k - mean D|
-
-so the ratios lie in [s - lam, s + lam], the most outlying block sits on a bound, and
-their mean is exactly s. (The reference code min-max scales D to a span of exactly
-2·lam and then shifts to the mean, which can leave [s - lam, s + lam] when D is
-skewed; the bounded form here keeps the same order and mean.)
 """
 
 from __future__ import annotations
@@ -19,9 +20,9 @@ from dataclasses import dataclass
 
 import torch
 
-from prunekit.allocation import Allocated, Allocation, AllocationConfig, register_allocation
+from prunekit.allocations.base import Allocated, Allocation, AllocationConfig, register_allocation
 from prunekit.engine.runner import SequentialRunner
-from prunekit.errors import PrunekitError
+from prunekit.errors import PrunekitError, choice_error
 from prunekit.methods.base import PruneRequest
 from prunekit.models.adapter import ModelAdapter, weight_matrix
 from prunekit.models.loading import LoadedModel
@@ -30,7 +31,8 @@ from prunekit.models.loading import LoadedModel
 @dataclass
 class OWLConfig(AllocationConfig):
     m: float = 5.0  # outlier threshold, in multiples of the block's mean Wanda score
-    lam: float = 0.08  # largest deviation of a block's sparsity from the mean
+    lam: float = 0.08  # half the span of the block sparsities (minmax) / their bound (bounded)
+    mapping: str = "minmax"  # outlier ratios -> sparsities: minmax (reference) or bounded
 
 
 def outlier_ratio(scores: list[torch.Tensor], m: float) -> float:
@@ -63,9 +65,20 @@ def block_outlier_ratios(
     return ratios
 
 
-def owl_ratios(outliers: list[float], sparsity: float, lam: float) -> list[float]:
-    """Per-block sparsities in [s - lam, s + lam] with mean s; more outliers, less sparsity."""
+MAPPINGS = ("minmax", "bounded")
+
+
+def owl_ratios(
+    outliers: list[float], sparsity: float, lam: float, mapping: str = "minmax"
+) -> list[float]:
+    """Per-block sparsities with mean s; more outliers, less sparsity (see the module doc)."""
     d = torch.tensor(outliers, dtype=torch.float64)
+    if mapping == "minmax":
+        span = d.max() - d.min()
+        if span == 0:
+            return [sparsity] * len(outliers)
+        scaled = (d - d.min()) / span * (2 * lam)
+        return (sparsity - (scaled - scaled.mean())).tolist()
     deviation = d - d.mean()
     spread = deviation.abs().max()
     if spread == 0:
@@ -105,6 +118,8 @@ class OWL(Allocation):
             raise PrunekitError("allocation owl needs calibration windows")
         if cfg.m <= 0 or cfg.lam < 0:
             raise PrunekitError(f"owl needs m > 0 and lam >= 0, got m={cfg.m}, lam={cfg.lam}")
+        if cfg.mapping not in MAPPINGS:
+            raise choice_error("owl mapping", cfg.mapping, MAPPINGS)
         if s - cfg.lam < 0 or s + cfg.lam >= 1:
             raise PrunekitError(
                 f"owl with lam={cfg.lam} needs sparsity in [{cfg.lam}, {1 - cfg.lam}), got {s}"
@@ -115,4 +130,10 @@ class OWL(Allocation):
                 lm.adapter, calib, cfg.m, request.device, request.batch_size
             )
         outliers = self._cache[key]
-        return Allocated(owl_ratios(outliers, s, cfg.lam), {"outlier_ratios": outliers})
+        ratios = owl_ratios(outliers, s, cfg.lam, cfg.mapping)
+        if not all(0.0 <= r < 1.0 for r in ratios):
+            raise PrunekitError(
+                f"owl (minmax, lam={cfg.lam}) at sparsity {s} gives block sparsities "
+                f"{min(ratios):.3f}..{max(ratios):.3f} outside [0, 1); lower lam"
+            )
+        return Allocated(ratios, {"outlier_ratios": outliers, "mapping": cfg.mapping})

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from prunekit.allocation import Allocated, Allocation, register_allocation
+from prunekit.allocations.base import Allocated, Allocation, register_allocation
 from prunekit.methods.base import PruneRequest
 from prunekit.models.loading import LoadedModel
 

@@ -14,7 +14,7 @@ import torch
 
 from prunekit.bench.config import Cell, Execution
 from prunekit.bench.memory import cell_peak_rss_mb, reset_peak_rss
-from prunekit.record import versions
+from prunekit.export.record import versions
 
 
 def _limit_groups(evaluation: dict[str, Any]) -> dict[int | None, list[str]]:
@@ -69,7 +69,7 @@ def run_cell(cell: Cell, execution: Execution) -> dict[str, Any]:
             pattern=cell.pattern or "unstructured",
             **calib_args,
             seed=cell.seed or 0,
-            scope=cell.scope or "row",
+            scope=cell.scope,
             allocation=cell.allocation or "uniform",
             propagate=cell.propagate or "pruned",
             device=execution.device,

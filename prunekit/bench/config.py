@@ -18,12 +18,13 @@ from typing import Any
 
 import yaml
 
-from prunekit.allocation import ALLOCATIONS
+from prunekit.allocations import ALLOCATIONS
 from prunekit.api import needs_calibration
 from prunekit.engine.runner import PROPAGATION
 from prunekit.errors import PrunekitError
-from prunekit.masks import SCOPES, Pattern, check_sparsity
 from prunekit.methods import get_method
+from prunekit.settings import VERSION
+from prunekit.surgery.masks import SCOPES, Pattern, check_sparsity
 
 DENSE = "dense"
 
@@ -33,7 +34,7 @@ TOP_KEYS = {
     "sparsities": "list of sparsities in [0, 1)",
     "patterns": "list of patterns: unstructured or N:M",
     "allocations": "list of per-block allocations",
-    "scope": "row or layer",
+    "scope": "row or layer (default: each method's reference scope)",
     "propagate": "pruned or dense: which outputs feed the next block while calibrating",
     "seed": "integer seed of every random choice",
     "calibration": "mapping: dataset, nsamples, seqlen",
@@ -265,9 +266,7 @@ def _execution(raw: dict) -> Execution:
 
 def parse_config(raw: Any, version: str | None = None) -> SweepConfig:
     """Validate a sweep mapping (from YAML) and expand it into cells."""
-    from prunekit import __version__
-
-    version = version or __version__
+    version = version or VERSION
     raw = _check_keys("(top level)", raw, TOP_KEYS)
     models = _list(raw, "models")
     for i, model in enumerate(models):
@@ -277,8 +276,8 @@ def parse_config(raw: Any, version: str | None = None) -> SweepConfig:
     sparsities, allocations = _sparsities(raw), _allocations(raw)
     if "unstructured" in patterns and not sparsities:
         raise _fail("sparsities", "is required with the unstructured pattern")
-    scope = raw.get("scope", "row")
-    if scope not in SCOPES:
+    scope = raw.get("scope")  # absent: each method's reference scope
+    if scope is not None and scope not in SCOPES:
         raise _fail("scope", f"unknown {scope!r}; valid: {', '.join(SCOPES)}")
     propagate = raw.get("propagate", "pruned")
     if propagate not in PROPAGATION:
@@ -291,13 +290,14 @@ def parse_config(raw: Any, version: str | None = None) -> SweepConfig:
         raise _fail("dense", f"needs true or false, got {dense!r}")
     calibration, evaluation = _calibration(raw), _evaluation(raw)
 
-    common = {"scope": scope, "evaluation": evaluation, "seed": seed, "version": version}
+    common = {"evaluation": evaluation, "seed": seed, "version": version}
     cells: list[Cell] = []
     for model in models:
         if dense:
             cells.append(Cell(model=model, method=DENSE, evaluation=evaluation, version=version))
         for (name, options), pattern, allocation in product(methods, patterns, allocations):
-            uses_data = needs_calibration(get_method(name), ALLOCATIONS.lookup(allocation))
+            method_cls = get_method(name)
+            uses_data = needs_calibration(method_cls, ALLOCATIONS.lookup(allocation))
             nm = Pattern.parse(pattern)
             for sparsity in [nm.sparsity] if nm.is_nm else sparsities:
                 cell = Cell(
@@ -309,6 +309,7 @@ def parse_config(raw: Any, version: str | None = None) -> SweepConfig:
                     allocation=allocation,
                     calibration=calibration if uses_data else None,
                     propagate=propagate if uses_data else None,
+                    scope=scope or method_cls.default_scope,
                     **common,
                 )
                 cells.append(cell)

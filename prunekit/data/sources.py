@@ -53,8 +53,9 @@ def _hub_wikitext2(split: str) -> str:
     from datasets import load_dataset
 
     hub_split = {"valid": "validation"}.get(split, split)
-    rows = load_dataset("wikitext", "wikitext-2-v1", split=hub_split)["text"]
-    return "".join(rows)
+    rows = load_dataset("wikitext", "wikitext-2-raw-v1", split=hub_split)["text"]
+    # the references join the test split with blank lines and the others with spaces
+    return ("\n\n" if split == "test" else " ").join(rows)
 
 
 def _hub_ptb(split: str) -> str:

@@ -1,11 +1,27 @@
-"""Token windows for calibration (seeded random) and evaluation (non-overlapping)."""
+"""Token windows for calibration (seeded random crops) and evaluation (non-overlapping).
+
+Two protocols (`PROTOCOLS`):
+- "reference" (default), the field's: the whole text tokenized once without special
+  tokens, windows cut from the token stream with nothing added (GPTQ/SparseGPT
+  `datautils.py`, locuslab/wanda `lib/eval.py`, FLAP, SliceGPT, SLEB, LLM-Pruner);
+- "bos": the same windows one token shorter, each prefixed with BOS where the tokenizer
+  defines one (every window then starts as a document does).
+"""
 
 from __future__ import annotations
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from prunekit.errors import PrunekitError
+from prunekit.errors import PrunekitError, choice_error
+
+PROTOCOLS = ("reference", "bos")
+
+
+def check_protocol(protocol: str) -> str:
+    if protocol not in PROTOCOLS:
+        raise choice_error("perplexity protocol", protocol, PROTOCOLS)
+    return protocol
 
 
 def tokenize(tokenizer: PreTrainedTokenizerBase, text: str) -> torch.Tensor:
@@ -14,27 +30,34 @@ def tokenize(tokenizer: PreTrainedTokenizerBase, text: str) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
-def _with_bos(tokenizer: PreTrainedTokenizerBase, body: torch.Tensor) -> torch.Tensor:
-    """Prefix each row of `body` [n, L'] with BOS when the tokenizer defines one."""
+def _prefix(tokenizer: PreTrainedTokenizerBase, body: torch.Tensor, protocol: str) -> torch.Tensor:
+    """Prefix each row of `body` [n, L'] with BOS under the "bos" protocol."""
     bos = tokenizer.bos_token_id
-    if bos is None:
+    if protocol != "bos" or bos is None:
         return body
     return torch.cat([torch.full((body.shape[0], 1), bos, dtype=body.dtype), body], dim=1)
 
 
-def body_length(tokenizer: PreTrainedTokenizerBase, seqlen: int) -> int:
-    """Text tokens per window: seqlen minus one when a BOS token is prepended."""
-    return seqlen - (tokenizer.bos_token_id is not None)
+def body_length(
+    tokenizer: PreTrainedTokenizerBase, seqlen: int, protocol: str = "reference"
+) -> int:
+    """Text tokens per window: seqlen, minus one when a BOS token is prepended."""
+    return seqlen - (check_protocol(protocol) == "bos" and tokenizer.bos_token_id is not None)
 
 
 def calibration_windows(
-    tokenizer: PreTrainedTokenizerBase, text: str, nsamples: int, seqlen: int, seed: int
+    tokenizer: PreTrainedTokenizerBase,
+    text: str,
+    nsamples: int,
+    seqlen: int,
+    seed: int,
+    protocol: str = "reference",
 ) -> torch.Tensor:
     """`nsamples` windows of `seqlen` tokens at seeded random offsets: [nsamples, seqlen]."""
     if nsamples < 1 or seqlen < 2:
         raise PrunekitError(f"nsamples must be >= 1 and seqlen >= 2, got {nsamples}, {seqlen}")
     ids = tokenize(tokenizer, text)
-    body = body_length(tokenizer, seqlen)
+    body = body_length(tokenizer, seqlen, protocol)
     if ids.numel() <= body:
         raise PrunekitError(
             f"calibration text has {ids.numel()} tokens, fewer than one window of {seqlen}"
@@ -42,21 +65,25 @@ def calibration_windows(
     generator = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, ids.numel() - body, (nsamples,), generator=generator)
     rows = torch.stack([ids[s : s + body] for s in starts.tolist()])
-    return _with_bos(tokenizer, rows)
+    return _prefix(tokenizer, rows, protocol)
 
 
 def evaluation_windows(
-    tokenizer: PreTrainedTokenizerBase, text: str, seqlen: int, limit: int | None = None
+    tokenizer: PreTrainedTokenizerBase,
+    text: str,
+    seqlen: int,
+    limit: int | None = None,
+    protocol: str = "reference",
 ) -> torch.Tensor:
     """The text cut into consecutive non-overlapping windows: [n, seqlen].
 
     The tail shorter than a window is dropped; `limit` keeps the first `limit` windows.
     """
     ids = tokenize(tokenizer, text)
-    body = body_length(tokenizer, seqlen)
+    body = body_length(tokenizer, seqlen, protocol)
     n = ids.numel() // body
     if n == 0:
         raise PrunekitError(f"evaluation text has {ids.numel()} tokens, fewer than {seqlen}")
     if limit is not None:
         n = min(n, limit)
-    return _with_bos(tokenizer, ids[: n * body].view(n, body))
+    return _prefix(tokenizer, ids[: n * body].view(n, body), protocol)

@@ -1,4 +1,9 @@
-"""The sequential block engine and the statistics collectors."""
+"""Engine: the sequential block runner, block-input capture and statistics collectors.
+
+Calibrates one decoder block at a time (capture its inputs, gather statistics on its
+linears, hand them to a method, propagate the outputs). May import models and the
+cross-cutting root modules; never a method, an allocation or evaluation.
+"""
 
 from prunekit.engine.capture import BlockCall, CapturedInputs, capture_inputs
 from prunekit.engine.collectors import COLLECTORS, Collector

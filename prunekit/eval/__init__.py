@@ -1,4 +1,7 @@
-"""Evaluation: perplexity (and zero-shot tasks)."""
+"""Evaluation: perplexity, zero-shot tasks, the lm-eval backend, LLM-Kick and speed timers.
+
+May import models, data and the cross-cutting root modules; never a method.
+"""
 
 from prunekit.eval.perplexity import PerplexityResult, perplexity
 

@@ -1,5 +1,6 @@
-"""Perplexity under the protocol: whole text tokenized once, non-overlapping windows of
-`seqlen` tokens (BOS first where defined), mean token NLL over all windows, exp."""
+"""Perplexity under the field's protocol: the whole text tokenized once, non-overlapping
+windows of `seqlen` tokens with nothing added (or BOS first: protocol "bos"), mean token
+NLL over every predicted token of every window, exp."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ class PerplexityResult:
     windows: int
     seqlen: int
     text_sha256: str
+    protocol: str = "reference"
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -57,13 +59,15 @@ def perplexity(
     seqlen: int = 1024,
     limit: int | None = None,
     batch_size: int = 1,
+    protocol: str = "reference",
 ) -> PerplexityResult:
     """Perplexity of `model` on a dataset's evaluation split (or a text file path).
 
-    `limit` evaluates only the first `limit` windows (quick runs; recorded).
+    `limit` evaluates only the first `limit` windows (quick runs; recorded); `protocol` is
+    "reference" or "bos" (see `prunekit.data.windows`).
     """
     source = load_text(dataset, purpose="eval")
-    windows = evaluation_windows(tokenizer, source.text, seqlen, limit)
+    windows = evaluation_windows(tokenizer, source.text, seqlen, limit, protocol)
     total, count = window_nll(model, windows, batch_size, desc=f"ppl {dataset}")
     nll = total / count
     return PerplexityResult(
@@ -74,4 +78,5 @@ def perplexity(
         windows=windows.shape[0],
         seqlen=seqlen,
         text_sha256=source.sha256,
+        protocol=protocol,
     )

@@ -1,22 +1,24 @@
-"""Pruning methods. Every module in this package registers its methods on import."""
+"""Pruning methods, one folder per family; every module registers its methods on import.
+
+- `base.py`: `Method`, `MethodConfig`, `PruneRequest` and the registry.
+- `unstructured/`: masks inside weight matrices (unstructured and N:M) and the weight
+  updates that re-fit kept weights (`unstructured/updates/`); driver `layerwise.py`.
+- `width/`: structured width (heads, KV groups, MLP channels, hidden dimension); driver
+  `base.py`.
+- `depth/`: whole decoder blocks removed or merged; driver `base.py`.
+
+Methods may import the engine, surgery, models, data and evaluation; nothing below this
+layer imports a method.
+"""
 
 import importlib
 import pkgutil
 
-from prunekit.methods.base import (
-    REGISTRY,
-    LayerwiseMethod,
-    Method,
-    MethodConfig,
-    PruneRequest,
-    ScoreMethod,
-    get_method,
-    register,
-)
+from prunekit.methods.base import REGISTRY, Method, MethodConfig, PruneRequest, get_method, register
+from prunekit.methods.unstructured.layerwise import LayerwiseMethod, ScoreMethod
 
-for _module in pkgutil.iter_modules(__path__):
-    if _module.name != "base":
-        importlib.import_module(f"{__name__}.{_module.name}")
+for _module in pkgutil.walk_packages(__path__, prefix=f"{__name__}."):
+    importlib.import_module(_module.name)
 
 __all__ = [
     "REGISTRY",

@@ -26,6 +26,7 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
+MODELING_FILE = "modeling_prunekit_sliced.py"  # this file's name in a saved folder
 INPUT_LINEARS = ("q_proj", "k_proj", "v_proj", "qkv_proj", "gate_proj", "up_proj", "gate_up_proj")
 OUTPUT_LINEARS = ("o_proj", "down_proj")
 

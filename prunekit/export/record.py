@@ -1,0 +1,79 @@
+"""What a pruning run records about itself (written as `prunekit.json`)."""
+
+from __future__ import annotations
+
+import platform
+import resource
+import sys
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import transformers
+from torch import nn
+
+from prunekit.models.adapter import ModelAdapter, weight_matrix
+from prunekit.settings import VERSION
+from prunekit.surgery.masks import sparsity_of
+
+
+def versions() -> dict[str, str]:
+    return {
+        "prunekit": VERSION,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+    }
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far (MiB; Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def layer_sparsity(adapter: ModelAdapter) -> dict[str, float]:
+    """Share of zero weights in each prunable linear, keyed `"block.path"`."""
+    return {
+        f"{i}.{path}": round(sparsity_of(weight_matrix(module)), 6)
+        for i, block in enumerate(adapter.blocks)
+        for path, module in adapter.linears(block).items()
+    }
+
+
+def overall_sparsity(adapter: ModelAdapter) -> float:
+    zeros = total = 0
+    for block in adapter.blocks:
+        for module in adapter.linears(block).values():
+            w = weight_matrix(module)
+            zeros += int((w == 0).sum())
+            total += w.numel()
+    return zeros / max(total, 1)
+
+
+@dataclass
+class PruneRecord:
+    """How a pruned model was made. `as_dict()` is the content of prunekit.json."""
+
+    source_model: str
+    method: str
+    config: dict[str, Any]
+    request: dict[str, Any]
+    calibration: dict[str, Any] | None
+    layer_sparsity: dict[str, float]
+    overall_sparsity: float
+    parameters_before: int
+    parameters_after: int
+    wall_time_s: float
+    peak_rss_mb: float
+    details: dict[str, Any] = field(default_factory=dict)
+    update: dict[str, Any] | None = None  # weight update after the mask: {name, config}
+    evaluation: dict[str, Any] = field(default_factory=dict)
+    versions: dict[str, str] = field(default_factory=versions)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)

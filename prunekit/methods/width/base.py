@@ -1,0 +1,216 @@
+"""The shared driver of width-pruning methods (magnitude-SP, Wanda-SP, FLAP, LLM-Pruner).
+
+A structured method scores every KV group and MLP channel of each block (higher = keep);
+this driver turns the scores into kept structures under a parameter budget and applies
+the surgery. "sparsity" is the share of decoder-block parameters removed.
+
+Budget split, `selection` option:
+- "uniform": every block loses its share of the budget (`sparsity`, or the allocation's
+  per-block ratio); inside a block heads and MLP take the same ratio, heads rounded to
+  whole KV groups and the MLP channels absorbing the rounding (see `plan_block`).
+  Blocks are pruned as the sequential engine reaches them, so later blocks are scored
+  on the pruned model's activations.
+- "global": scores are standardized per block and kind, and the lowest-scoring
+  structures of the whole model are removed until the budget is spent (weighted by
+  their parameter counts; see `plan_global`). Scores come from one pass over the dense
+  model. Allocation ratios are not used in this mode.
+`protect_first` / `protect_last` blocks are never pruned; their share goes to the rest.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from prunekit.engine.runner import LayerStats, SequentialRunner
+from prunekit.errors import PrunekitError, choice_error
+from prunekit.methods.base import Method, MethodConfig, PruneRequest
+from prunekit.models.adapter import ModelAdapter
+from prunekit.models.loading import LoadedModel
+from prunekit.surgery.plan import (
+    ATTENTION,
+    MLP,
+    BlockPlan,
+    block_costs,
+    combine,
+    linear_values,
+    plan_block,
+    plan_global,
+    standardize,
+    structure_sums,
+)
+from prunekit.surgery.width import (
+    block_parameters,
+    decoder_parameters,
+    keep_channels,
+    keep_heads,
+    update_config_widths,
+)
+
+SELECTIONS = ("uniform", "global")
+
+BlockStats = dict[str, LayerStats]  # linear path -> statistic name -> tensor
+
+
+@dataclass
+class StructuredConfig(MethodConfig):
+    selection: str = "uniform"  # uniform (per block) | global (standardized, model-wide)
+    protect_first: int = 0  # first blocks left unpruned
+    protect_last: int = 0  # last blocks left unpruned
+
+    def __post_init__(self) -> None:
+        if self.selection not in SELECTIONS:
+            raise choice_error("selection", self.selection, SELECTIONS)
+        if self.protect_first < 0 or self.protect_last < 0:
+            raise PrunekitError("protect_first and protect_last must be >= 0")
+
+
+@dataclass
+class BlockScores:
+    """Importance of each KV group [kv_heads] and MLP channel [intermediate] of a block."""
+
+    groups: torch.Tensor
+    channels: torch.Tensor
+    stats: BlockStats
+
+
+def summed_scores(
+    adapter: ModelAdapter, block: nn.Module, values: dict[str, torch.Tensor], how: str = "sum"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-weight values [out, in] per role -> (group scores, channel scores), each role's
+    slice summed, then roles aggregated by `how` (sum, max, prod, last)."""
+    per_role = structure_sums(adapter, block, values)
+    return combine(per_role, ATTENTION, how), combine(per_role, MLP, how)
+
+
+class StructuredMethod(Method):
+    """Base of width-pruning methods: implement `score` (or `block_scores` for more)."""
+
+    kind = "structured"
+    supports_nm = False
+    Config: ClassVar[type[MethodConfig]] = StructuredConfig
+    needs: ClassVar[tuple[str, ...]] = ()  # statistics gathered per block
+    needs_roles: ClassVar[tuple[str, ...] | None] = None  # linears they are gathered on
+
+    def score(self, adapter: ModelAdapter, block: nn.Module, stats: BlockStats) -> BlockScores:
+        raise NotImplementedError
+
+    def compensate(
+        self, adapter: ModelAdapter, block: nn.Module, stats: BlockStats, plan: BlockPlan
+    ) -> None:
+        """Called before the surgery with the block's plan (e.g. FLAP's bias compensation)."""
+
+    # -- scoring ---------------------------------------------------------------------
+    def block_scores(
+        self, lm: LoadedModel, calib: torch.Tensor | None, request: PruneRequest, dense: bool
+    ) -> Iterator[tuple[int, nn.Module, BlockScores]]:
+        """Yield `(index, block, scores)` in block order. With a sequential runner the
+        caller may prune the block before the next one is scored (`dense=False`)."""
+        adapter = lm.adapter
+        if not self.needs:
+            for index, block in enumerate(adapter.blocks):
+                yield index, block, self.score(adapter, block, {})
+            return
+        if calib is None:
+            raise PrunekitError(f"method {self.name!r} needs calibration data")
+        runner = SequentialRunner(
+            adapter,
+            calib,
+            device=request.device,
+            batch_size=request.batch_size,
+            propagate="dense" if dense else "pruned",
+        )
+        for ctx in runner:
+            modules = None
+            if self.needs_roles is not None:
+                modules = {
+                    adapter.spec.linears[r]: adapter.linear(ctx.block, r)
+                    for r in self.needs_roles
+                    if r in adapter.spec.linears
+                }
+            stats = ctx.collect(self.needs, modules)
+            yield ctx.index, ctx.block, self.score(adapter, ctx.block, stats)
+
+    # -- budget ----------------------------------------------------------------------
+    def _targets(self, adapter: ModelAdapter, request: PruneRequest) -> list[float]:
+        """Parameters to remove from each block (protected blocks: 0)."""
+        config = self.config
+        sizes = [block_parameters(b) for b in adapter.blocks]
+        n = len(sizes)
+        protected = set(range(min(config.protect_first, n))) | set(
+            range(max(n - config.protect_last, 0), n)
+        )
+        if len(protected) == n:
+            raise PrunekitError(
+                f"protect_first={config.protect_first} and protect_last={config.protect_last} "
+                f"leave none of the {n} blocks to prune"
+            )
+        total = sum(request.target(i).sparsity * s for i, s in enumerate(sizes))
+        raw = [
+            0.0 if i in protected else request.target(i).sparsity * s for i, s in enumerate(sizes)
+        ]
+        if sum(raw) == 0:
+            return raw
+        return [r * total / sum(raw) for r in raw]
+
+    # -- driver ----------------------------------------------------------------------
+    def run(self, lm: LoadedModel, calib: torch.Tensor | None, request: PruneRequest) -> dict:
+        config = self.config
+        adapter = lm.adapter
+        before = decoder_parameters(adapter)
+        targets = self._targets(adapter, request)
+        removable = adapter.spec.heads_removable
+        plans: dict[int, BlockPlan] = {}
+        if config.selection == "uniform":
+            for index, block, scores in self.block_scores(lm, calib, request, dense=False):
+                costs = block_costs(adapter, block)
+                plan = plan_block(scores.groups, scores.channels, costs, targets[index], removable)
+                self._apply(adapter, block, scores.stats, plan)
+                plans[index] = plan
+        else:
+            collected = list(self.block_scores(lm, calib, request, dense=True))
+            pool = [(i, b, s) for i, b, s in collected if targets[i] > 0]
+            chosen = plan_global(
+                [standardize(s.groups) for _, _, s in pool],
+                [standardize(s.channels) for _, _, s in pool],
+                [block_costs(adapter, b) for _, b, _ in pool],
+                sum(targets),
+                removable,
+            )
+            for (index, block, scores), plan in zip(pool, chosen, strict=True):
+                self._apply(adapter, block, scores.stats, plan)
+                plans[index] = plan
+        update_config_widths(adapter)
+        after = decoder_parameters(adapter)
+        return {
+            "selection": config.selection,
+            "decoder_parameters_before": before,
+            "decoder_parameters_after": after,
+            "decoder_share_removed": round(1 - after / before, 6),
+            "kept": {
+                str(i): {"kv_groups": p.groups, "channels": p.channels}
+                for i, p in sorted(plans.items())
+            },
+        }
+
+    def _apply(
+        self, adapter: ModelAdapter, block: nn.Module, stats: BlockStats, plan: BlockPlan
+    ) -> None:
+        self.compensate(adapter, block, stats, plan)
+        if adapter.spec.heads_removable:
+            keep_heads(adapter, block, plan.groups)
+        keep_channels(adapter, block, plan.channels)
+
+
+def weight_values(adapter: ModelAdapter, block: nn.Module, scale=None) -> dict[str, torch.Tensor]:
+    """|W| per role, optionally times a per-input-column scale `scale(role) -> [in]`."""
+
+    def value(role: str, module: nn.Module, weight: torch.Tensor) -> torch.Tensor:
+        v = weight.float().abs()
+        return v if scale is None else v * scale(role).to(v.device).unsqueeze(0)
+
+    return linear_values(adapter, block, value)
