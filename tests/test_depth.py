@@ -23,7 +23,7 @@ DEPTH_METHODS = [
     ("angular", {}),
     ("angular", {"tokens": "all"}),
     ("sleb", {"eval_windows": 4}),
-    ("shortened_llama", {"eval_windows": 4}),
+    ("shortened_llama", {"eval_windows": 4, "keep_first": 1, "keep_last": 1}),
     (
         "shortened_llama",
         {"criterion": "taylor", "eval_windows": 4, "keep_first": 1, "keep_last": 1},
@@ -154,7 +154,9 @@ def test_merge_adds_parameter_differences():
 
 @pytest.mark.parametrize(("method", "options"), DEPTH_METHODS)
 def test_depth_methods_on_stories(method, options, calib):
-    """k = round(0.4 × 5) = 2 blocks go; scores are finite and the same on a second run."""
+    """k = round(0.4 × 5) = 2 blocks go; scores are finite (None for blocks a method never
+    scores: SLEB's and Shortened LLaMA's protected ends, LaCo's last two start positions)
+    and the same on a second run."""
     first = prunekit.load_model("stories260k")
     details = _prune(first, method, options, calib)
     again = _prune(prunekit.load_model("stories260k"), method, options, calib)
@@ -163,8 +165,9 @@ def test_depth_methods_on_stories(method, options, calib):
     assert len(details["removed_blocks"]) == 2
     assert sorted(details["removed_blocks"] + details["kept_blocks"]) == list(range(5))
     assert first.adapter.num_layers == 3
-    assert len(details["block_scores"]) >= 4
-    assert all(math.isfinite(s) for s in details["block_scores"])
+    scored = [s for s in details["block_scores"] if s is not None]
+    assert len(scored) >= 3
+    assert all(math.isfinite(s) for s in scored)
 
 
 def test_seeded_prune_saves_and_reloads_identically(tmp_path):
@@ -214,7 +217,9 @@ def test_removal_follows_the_scores(stories, calib):
     pruned = prunekit.load_model("stories260k")
     sleb = _prune(pruned, "sleb", {"eval_windows": 3}, calib)
     first_ppl = sleb["block_scores"]
-    assert sleb["removal_order"][0] == first_ppl.index(min(first_ppl))
+    assert first_ppl[0] is None and first_ppl[-1] is None  # the protected ends
+    scored = {i: s for i, s in enumerate(first_ppl) if s is not None}
+    assert sleb["removal_order"][0] == min(scored, key=scored.__getitem__)
     # the perplexity SLEB computed on its block path is the pruned model's own
     windows = calib[:3]
     with torch.no_grad():
@@ -226,6 +231,51 @@ def test_blocks_option_overrides_sparsity(stories, calib):
     details = _prune(stories, "shortgpt", {"blocks": 1}, calib, sparsity=0.5)
     assert len(details["removed_blocks"]) == 1
     assert stories.adapter.num_layers == 4
+
+
+@pytest.mark.parametrize("criterion", ["ppl", "taylor"])
+def test_shortened_llama_keeps_the_ends_with_either_criterion(calib, criterion):
+    """The reference filters keep-first / keep-last for both criteria: with 2 + 2 protected
+    of 5 blocks only block 2 may go, and the default 4 + 2 leaves no candidate."""
+    options = {"criterion": criterion, "eval_windows": 2, "keep_first": 2, "keep_last": 2}
+    lm = prunekit.load_model("stories260k")
+    details = _prune(lm, "shortened_llama", options, calib, sparsity=0.2)
+    assert details["removed_blocks"] == [2]
+    with pytest.raises(prunekit.PrunekitError, match="leaving 0 candidates"):
+        _prune(prunekit.load_model("stories260k"), "shortened_llama", {}, calib)
+
+
+def test_sleb_never_removes_the_first_or_last_block(calib):
+    """SLEB's early_barrier = latter_barrier = 1: even removing 3 of 5 blocks keeps 0 and 4;
+    with the barriers off the independent greedy search below gives the same first pick
+    as prunekit among all blocks."""
+    details = _prune(prunekit.load_model("stories260k"), "sleb", {"eval_windows": 2}, calib, 0.6)
+    assert details["removed_blocks"] == [1, 2, 3]
+    with pytest.raises(prunekit.PrunekitError, match="leaving 3 candidates for 4"):
+        _prune(prunekit.load_model("stories260k"), "sleb", {"eval_windows": 2}, calib, 0.8)
+    free = {"eval_windows": 2, "protect_first": 0, "protect_last": 0}
+    details = _prune(prunekit.load_model("stories260k"), "sleb", free, calib, 0.2)
+    windows = calib[:2]
+    nlls = []
+    for block in range(5):
+        lm = prunekit.load_model("stories260k")
+        del lm.model.model.layers[block]
+        lm.model.config.num_hidden_layers = 4
+        for i, layer in enumerate(lm.model.model.layers):
+            layer.self_attn.layer_idx = i
+        with torch.no_grad():
+            nlls.append(float(lm.model(windows, labels=windows, use_cache=False).loss))
+    assert details["removed_blocks"] == [min(range(5), key=nlls.__getitem__)]
+
+
+def test_laco_never_merges_the_final_block(calib):
+    """The reference scans from the block below the top: with merge=2 and a threshold no
+    merge can reach, the final scan still stops below the final block."""
+    options = {"eval_windows": 2, "merge": 2, "threshold": 0.999}
+    details = _prune(prunekit.load_model("stories260k"), "laco", options, calib, 0.4)
+    for merge in details["merges"]:
+        assert 4 not in merge["blocks"]
+    assert 4 in details["kept_blocks"]
 
 
 def test_taylor_plus_keeps_the_ends(stories, calib):

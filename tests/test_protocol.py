@@ -42,7 +42,10 @@ def test_default_protocol_equals_gptq_on_stories(stories):
     result = prunekit.evaluate(stories, "tinyshakespeare", seqlen=128)["tinyshakespeare"]
     assert result["protocol"] == "reference"
     assert result["perplexity"] == pytest.approx(reference, rel=1e-5)
-    assert result["windows"] == len(stories.tokenizer(text, add_special_tokens=False)["input_ids"]) // 128
+    assert (
+        result["windows"]
+        == len(stories.tokenizer(text, add_special_tokens=False)["input_ids"]) // 128
+    )
 
 
 def test_bos_protocol_is_a_named_option_and_differs(stories):

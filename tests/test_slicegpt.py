@@ -69,20 +69,27 @@ def test_rotation_without_slicing_keeps_tiny_model_logits(family):
     assert (after - before).abs().max() < 1e-4
 
 
-def test_sliced_shapes(stories, calib_file):
-    record = _slice(stories, calib_file, 0.25)
+@pytest.mark.parametrize("slice_head", [False, True])
+def test_sliced_shapes(stories, calib_file, slice_head):
+    """By default (the reference's do_slice_head=False) the last block writes and the head
+    reads the full width 64; with slice_head both are sliced to d."""
+    record = _slice(stories, calib_file, 0.25, slice_head=slice_head)
     width = record.details["sliced_hidden_size"]
-    assert width == 48
+    head = width if slice_head else 64
+    assert width == 48 and record.details["head_width"] == head
     adapter = stories.adapter
     assert adapter.embed.weight.shape == (512, width)
-    assert adapter.lm_head.weight.shape == (512, width)
-    for block in adapter.blocks:
-        assert block.attn_shortcut.shape == block.mlp_shortcut.shape == (width, width)
+    assert adapter.lm_head.weight.shape == (512, head)
+    last = adapter.num_layers - 1
+    for index, block in enumerate(adapter.blocks):
+        out = head if index == last else width
+        assert block.attn_shortcut.shape == (width, width)
+        assert block.mlp_shortcut.shape == (width, out)
         assert adapter.linear(block, "q").weight.shape == (64, width)
         assert adapter.linear(block, "k").weight.shape == (32, width)
         assert adapter.linear(block, "o").weight.shape == (width, 64)
         assert adapter.linear(block, "gate").weight.shape == (172, width)
-        assert adapter.linear(block, "down").weight.shape == (width, 172)
+        assert adapter.linear(block, "down").weight.shape == (out, 172)
     details = record.details
     assert details["decoder_parameters_after"] < details["decoder_parameters_before"]
     assert details["decoder_parameters_after"] == decoder_parameters(adapter)
@@ -92,15 +99,15 @@ def test_sliced_shapes(stories, calib_file):
 
 def test_parameter_budget_picks_the_widest_slicing_that_fits(stories, calib_file):
     before = decoder_parameters(stories.adapter)
-    width = width_for_parameters(stories.adapter, 0.2, 8)
+    width = width_for_parameters(stories.adapter, 0.2, 8, slice_head=False)
     record = _slice(stories, calib_file, 0.2, budget="parameters")
     after = decoder_parameters(stories.adapter)
     assert record.details["sliced_hidden_size"] == width
     assert after <= 0.8 * before
     assert record.details["decoder_share_removed"] == round(1 - after / before, 6)
     fresh = prunekit.load_model("stories260k").adapter
-    assert sliced_parameters(fresh, width) == after
-    assert sliced_parameters(fresh, width + 8) > 0.8 * before  # the next width does not fit
+    assert sliced_parameters(fresh, width, slice_head=False) == after
+    assert sliced_parameters(fresh, width + 8, slice_head=False) > 0.8 * before
 
 
 def test_sliced_width_rounds_down():

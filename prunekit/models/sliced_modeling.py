@@ -93,9 +93,15 @@ def _resize(linear: nn.Linear, in_features: int, out_features: int) -> None:
     linear.in_features, linear.out_features = in_features, out_features
 
 
-def make_sliced(model: nn.Module, sliced: int) -> None:
-    """Turn a base causal LM into the sliced architecture in place (weights uninitialised)."""
+def make_sliced(model: nn.Module, sliced: int, output: int | None = None) -> None:
+    """Turn a base causal LM into the sliced architecture in place (weights uninitialised).
+
+    `sliced` is the residual width d; `output` the width the last block writes and the head
+    reads (d, or the full D when the head is not sliced).
+    """
     base = model.model
+    output = sliced if output is None else output
+    last = len(base.layers) - 1
     full = model.config.hidden_size
     eps = _norm_eps(base.norm)
     embed = base.embed_tokens  # resized in place: some families scale it (Gemma)
@@ -108,18 +114,19 @@ def make_sliced(model: nn.Module, sliced: int) -> None:
             if leaf in INPUT_LINEARS:
                 _resize(module, sliced, module.out_features)
             elif leaf in OUTPUT_LINEARS:
-                _resize(module, module.in_features, sliced)
+                width = output if index == last and leaf == "down_proj" else sliced
+                _resize(module, module.in_features, width)
         new = ShortcutDecoderLayer(
             layer,
             WeightlessRMSNorm(full, _norm_eps(layer.input_layernorm)),
             WeightlessRMSNorm(full, _norm_eps(layer.post_attention_layernorm)),
         )
         new.attn_shortcut = nn.Parameter(torch.empty(sliced, sliced))
-        new.mlp_shortcut = nn.Parameter(torch.empty(sliced, sliced))
+        new.mlp_shortcut = nn.Parameter(torch.empty(sliced, output if index == last else sliced))
         base.layers[index] = new
     base.norm = WeightlessRMSNorm(full, eps)
     head = model.lm_head
-    model.lm_head = nn.Linear(sliced, head.out_features, bias=head.bias is not None)
+    model.lm_head = nn.Linear(output, head.out_features, bias=head.bias is not None)
 
 
 def _sliced_class(base: type) -> type:
@@ -127,7 +134,7 @@ def _sliced_class(base: type) -> type:
 
     def __init__(self, config):
         base.__init__(self, config)
-        make_sliced(self, config.sliced_hidden_size)
+        make_sliced(self, config.sliced_hidden_size, getattr(config, "sliced_output_size", None))
 
     name = f"Sliced{base.__name__}"
     return type(name, (base,), {"__init__": __init__, "__module__": __name__})

@@ -178,7 +178,9 @@ class DepthMethod(Method):
             "num_blocks_after": len(kept),
             "removed_blocks": sorted(choice.removed),
             "kept_blocks": kept,
-            "block_scores": [None if s is None else round(float(s), 8) for s in choice.block_scores],
+            "block_scores": [
+                None if s is None else round(float(s), 8) for s in choice.block_scores
+            ],
             "score_meaning": choice.score_meaning,
             **choice.extra,
         }

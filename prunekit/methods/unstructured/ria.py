@@ -4,11 +4,16 @@
 
 A weight counts relative to both its output row and its input column, so no channel is
 emptied wholesale. Unstructured masks use one threshold per layer by default, as the
-reference's `main.py` does (`--per_outneuron` off); `--scope row` compares within rows. With `permute=true` and an N:M pattern, the input channels of every
-layer whose producer sits in the same block (down, o; see `prunekit.surgery.permutation`) are
-reordered so the N:M mask keeps more total score; the permutation is folded into the
-producer's rows, so the saved model is a plain checkpoint, its masks are N:M in stored
-order, and before pruning it computes exactly what the original did.
+reference's `main.py` does (`--per_outneuron` off); `--scope row` compares within rows.
+
+With `permute=true` and an N:M pattern, the input channels of every layer whose producer
+sits in the same block (down, o; see `prunekit.surgery.permutation`) are reordered so the
+N:M mask keeps more total score; the permutation is folded into the producer's rows, so
+the saved model is a plain checkpoint, its masks are N:M in stored order, and before
+pruning it computes exactly what the original did. (The reference permutes every pruned
+linear's scores, builds the mask in permuted order and un-permutes the mask, so its masks
+are N:M only in permuted order; ours keep N:M valid in the stored order, which is what a
+2:4 kernel needs, at the cost of permuting only layers with an in-block producer.)
 """
 
 from __future__ import annotations

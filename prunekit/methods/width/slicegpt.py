@@ -9,6 +9,10 @@ reading the stream are rotated by Q, those writing it by Qᵀ, and only the firs
 columns are kept. Where the bases before and after a sublayer differ, its residual
 shortcut is multiplied by Q_inᵀ Q_out ([d, d]). Bases are computed on the already
 sliced model's activations, block after block (the sequential engine).
+
+As in the reference (`do_slice_head=False`), the last block's MLP output and the LM head
+stay at the full width D: the last block's output basis is the whole rotation Q, so the
+head sees every direction. `--opt slice_head=true` slices them to d as well.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ BUDGETS = ("width", "parameters")
 class SliceGPTConfig(MethodConfig):
     round_to: int = 8  # the sliced width is rounded down to a multiple of this
     budget: str = "width"  # what sparsity measures: hidden width, or decoder parameters
+    slice_head: bool = False  # also slice the last block's output and the LM head
 
     def __post_init__(self) -> None:
         if self.round_to < 1:
@@ -60,24 +65,31 @@ def sliced_width(hidden: int, ratio: float, round_to: int) -> int:
     return min(hidden, max(round_to, width))
 
 
-def sliced_parameters(adapter: ModelAdapter, width: int) -> int:
+def sliced_parameters(adapter: ModelAdapter, width: int, slice_head: bool = True) -> int:
     """Decoder-block parameters once sliced to `width`: rotated linears, [d, d] shortcuts
-    (two per block) and weightless norms."""
+    (two per block) and weightless norms; without `slice_head` the last block's down and
+    MLP shortcut write the full width D."""
     total = 0
-    for block in adapter.blocks:
+    last = adapter.num_layers - 1
+    for index, block in enumerate(adapter.blocks):
+        out_width = width if slice_head or index < last else adapter.hidden_size
         for role in adapter.spec.linears:
             linear = adapter.linear(block, role)
             out_features, in_features = linear.weight.shape
             bias = linear.bias is not None
             if role in ATTENTION_INPUTS + MLP_INPUTS:
                 total += out_features * width + bias * out_features
-            else:  # o and down write the residual stream
+            elif role == "down":
+                total += out_width * in_features + bias * out_width
+            else:  # o writes the residual stream
                 total += width * in_features + bias * width
-        total += 2 * width * width
+        total += width * width + width * out_width
     return total
 
 
-def width_for_parameters(adapter: ModelAdapter, share: float, round_to: int) -> int:
+def width_for_parameters(
+    adapter: ModelAdapter, share: float, round_to: int, slice_head: bool = True
+) -> int:
     """The largest width (a multiple of `round_to`) whose sliced decoder has at most
     (1 − share) of the current decoder parameters."""
     hidden = adapter.hidden_size
@@ -85,7 +97,7 @@ def width_for_parameters(adapter: ModelAdapter, share: float, round_to: int) -> 
         return hidden
     limit = (1 - share) * decoder_parameters(adapter)
     width = hidden // round_to * round_to
-    while width > round_to and sliced_parameters(adapter, width) > limit:
+    while width > round_to and sliced_parameters(adapter, width, slice_head) > limit:
         width -= round_to
     return width
 
@@ -128,7 +140,9 @@ class SliceGPT(Method):
         if self.config.budget == "width":
             width = sliced_width(hidden, request.sparsity, round_to)
         else:
-            width = width_for_parameters(adapter, request.sparsity, round_to)
+            width = width_for_parameters(
+                adapter, request.sparsity, round_to, self.config.slice_head
+            )
         before = decoder_parameters(adapter)
 
         fold_norms(adapter)
@@ -143,20 +157,26 @@ class SliceGPT(Method):
         basis = full[:, :width]
         energy = [_kept_energy(values, width)]
         rotate_embedding(adapter.embed, basis)
+        last = adapter.num_layers - 1
+        out_width = width if self.config.slice_head else hidden
         for ctx in runner:
             if ctx.index == 0:
                 ctx.inputs = (runner.hidden.double() @ basis).to(runner.hidden.dtype)
-            basis, kept = self._slice_block(ctx, basis, width)
+            basis, kept = self._slice_block(
+                ctx, basis, width, out_width if ctx.index == last else width
+            )
             energy.extend(kept)
         rotate_inputs(adapter.lm_head, basis)
 
         config = adapter.config
         config.sliced_hidden_size = width
+        config.sliced_output_size = out_width
         module = sliced_modeling.MODELING_FILE.removesuffix(".py")
         config.auto_map = {"AutoModelForCausalLM": f"{module}.{sliced_class}"}
         return {
             "hidden_size": hidden,
             "sliced_hidden_size": width,
+            "head_width": out_width,
             "slicing_ratio": 1 - width / hidden,
             "decoder_parameters_before": before,
             "decoder_parameters_after": decoder_parameters(adapter),
@@ -166,10 +186,10 @@ class SliceGPT(Method):
 
     @staticmethod
     def _slice_block(
-        ctx: BlockContext, basis_in: torch.Tensor, width: int
+        ctx: BlockContext, basis_in: torch.Tensor, width: int, out_width: int
     ) -> tuple[torch.Tensor, list[float]]:
         """Rotate and slice one block whose inputs are in `basis_in` [D, d]; return the
-        basis of its outputs and the energy kept at its two new bases."""
+        basis of its outputs [D, out_width] and the energy kept at its two new bases."""
         adapter, layer = ctx.adapter, ctx.block
         for linear in role_linears(adapter, layer, ATTENTION_INPUTS):
             rotate_inputs(linear, basis_in)
@@ -185,8 +205,8 @@ class SliceGPT(Method):
             rotate_inputs(linear, basis_mid)
         layer.mlp_shortcut = _shortcut(basis_mid.t(), layer)
         full, values = principal_basis(covariance(ctx.forward()))
-        basis_out = full[:, :width].to(basis_in.device)
-        kept.append(_kept_energy(values, width))
+        basis_out = full[:, :out_width].to(basis_in.device)
+        kept.append(_kept_energy(values, out_width))
 
         rotate_outputs(adapter.linear(layer, "down"), basis_out)
         layer.mlp_shortcut = _shortcut(basis_mid.t() @ basis_out, layer)
