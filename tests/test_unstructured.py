@@ -429,3 +429,21 @@ def test_cli_bad_allocation_is_one_line(tmp_path, args, message):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], result.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("update", ["admm", "sparsegpt"])
+def test_ria_permutation_with_a_weight_update_refits_the_permuted_layer(update):
+    """The update must re-fit the permuted dense weights with permuted statistics: the
+    layer error before the update is then no worse than without permutation (it was
+    13x worse when the update saw the unpermuted dense weights)."""
+    errors = {}
+    for permute in (False, True):
+        lm = prunekit.load_model("stories260k")
+        record = _prune(lm, "ria", "2:4", options={"permute": permute}, update=update)
+        facts = record.details["update"]
+        errors[permute] = facts["mean_relative_error_before"]
+        assert facts["mean_relative_error_after"] < facts["mean_relative_error_before"]
+        for _, _, w in _weights(lm):
+            assert is_valid_nm(w, 2, 4)
+    assert record.details["permutation"]["applied"]
+    assert errors[True] <= errors[False] * 1.05

@@ -266,3 +266,21 @@ def test_cli_update_option(tmp_path):
         "name": "admm",
         "config": {"iterations": 3, "rho": 1.0, "damp": 0.1},
     }
+
+
+@pytest.mark.parametrize("method", ["admm_gradual", "alps"])
+def test_dead_inputs_never_win_kept_slots(method):
+    """16 of 64 inputs are never active (H_jj = 0). Their weights cannot change the layer's
+    output, so every kept slot must go to a live input, as the references' √H_jj + ε
+    normalisation makes it; the live inputs' kept count is exactly 32 per row."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 64, generator=gen) * 0.01  # live inputs: √H_jj = 0.16 < 1
+    x[:, 48:] = 0
+    layer = torch.nn.Linear(64, 8, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(8, 64, generator=gen) * 3)
+    cls = get_method(method)
+    cls().prune_linear(layer, {"hessian": (x.t() @ x).double()}, Target(0.5), "layer")
+    w = layer.weight.detach()
+    assert int((w[:, 48:] != 0).sum()) == 0
+    assert ((w != 0).sum(1) == 32).all()

@@ -118,3 +118,13 @@ class InputVariance(_Moments):
 COLLECTORS: dict[str, type[Collector]] = {
     c.name: c for c in (InputNorm, Hessian, InputMean, InputVariance)
 }
+
+
+def permute_inputs(stats: dict[str, torch.Tensor], index: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Statistics of the same layer after its input columns are reordered by `index` [in]:
+    each input axis of every statistic ([in] or [in, in]) is indexed alike."""
+    out = {}
+    for name, value in stats.items():
+        idx = index.to(value.device)
+        out[name] = value[idx][:, idx] if value.dim() == 2 else value[idx]
+    return out

@@ -66,6 +66,7 @@ class LayerwiseMethod(Method):
         errors: list[dict[str, float]] = []
         for ctx in runner:
             linears = ctx.linears()
+            self.prepare_block(ctx, ctx.stats, request.target(ctx.index))
             dense = {p: weight_matrix(m).clone() for p, m in linears.items()} if self.update else {}
             self.prune_block(ctx, ctx.stats, request.target(ctx.index))
             for path, weight in dense.items():
@@ -89,6 +90,13 @@ class LayerwiseMethod(Method):
                 "mean_relative_error_after": mean["after"],
             }
         }
+
+    def prepare_block(
+        self, ctx: BlockContext, stats: dict[str, LayerStats], target: Target
+    ) -> None:
+        """Change the dense block before pruning (e.g. permute channels); the weight update
+        re-fits against the block as it is after this step, so a method that reorders a
+        linear's inputs replaces `stats[path]` with the reordered statistics (override)."""
 
     def prune_block(self, ctx: BlockContext, stats: dict[str, LayerStats], target: Target) -> None:
         """Prune every linear of the block; override for block-level dependencies."""

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from prunekit.engine.collectors import permute_inputs
 from prunekit.engine.runner import BlockContext, LayerStats
 from prunekit.methods.base import MethodConfig, PruneRequest, register
 from prunekit.methods.unstructured.layerwise import LayerwiseMethod
@@ -80,28 +81,43 @@ class RIA(LayerwiseMethod):
             }
         }
 
+    def prepare_block(
+        self, ctx: BlockContext, stats: dict[str, LayerStats], target: Target
+    ) -> None:
+        """N:M with permute: reorder each coupled consumer's inputs (and its producers'
+        rows) so the mask keeps more score; its statistics are reordered alike."""
+        if not (self.config.permute and target.pattern.is_nm):
+            return
+        n, m = target.pattern.n, target.pattern.m
+        linears = ctx.linears()
+        for path, coupled in couplings(ctx.adapter, ctx.block).items():
+            groups = [g for g in coupled if g.size % m == 0]
+            if not groups:
+                continue
+            weight = weight_matrix(linears[path])
+            scores = ria_scores(weight, stats[path]["input_norm"].to(weight.device), self.config.a)
+            total = float(scores.sum())
+            perms = [
+                find_nm_permutation(group_scores(scores, g), n, m, self.config.permute_rounds)
+                for g in groups
+            ]
+            apply_permutation(linears[path], groups, perms)
+            index = column_index(groups, perms, scores.shape[1])
+            stats[path] = permute_inputs(stats[path], index)
+            key = f"{ctx.index}.{path}"
+            self._retained[key] = [nm_retained(scores, n, m) / total]
+            self._retained[key].append(nm_retained(scores[:, index], n, m) / total)
+            self._permuted.add(key)
+
     def prune_block(self, ctx: BlockContext, stats: dict[str, LayerStats], target: Target) -> None:
-        permute = self.config.permute and target.pattern.is_nm
-        coupled = couplings(ctx.adapter, ctx.block) if permute else {}
         n, m = target.pattern.n, target.pattern.m
         for path, module in ctx.linears().items():
             weight = weight_matrix(module)
             scores = ria_scores(weight, stats[path]["input_norm"].to(weight.device), self.config.a)
-            groups = [g for g in coupled.get(path, []) if g.size % m == 0]
-            if groups:
-                total = float(scores.sum())
-                before = nm_retained(scores, n, m) / total
-                perms = [
-                    find_nm_permutation(group_scores(scores, g), n, m, self.config.permute_rounds)
-                    for g in groups
-                ]
-                apply_permutation(module, groups, perms)
-                scores = scores[:, column_index(groups, perms, scores.shape[1])]
-                self._retained[f"{ctx.index}.{path}"] = [before, nm_retained(scores, n, m) / total]
-                self._permuted.add(f"{ctx.index}.{path}")
-            elif target.pattern.is_nm:
+            key = f"{ctx.index}.{path}"
+            if target.pattern.is_nm and key not in self._permuted:
                 share = nm_retained(scores, n, m) / float(scores.sum())
-                self._retained[f"{ctx.index}.{path}"] = [share, share]
+                self._retained[key] = [share, share]
             weight.mul_(make_mask(scores, target))
 
 

@@ -44,7 +44,12 @@ class LayerProblem:
 
     @classmethod
     def build(cls, weight: torch.Tensor, hessian: torch.Tensor, damp: float) -> LayerProblem:
-        """From W₀ [out, in] and H [in, in] (any positive scale); dead inputs get H_jj = 1."""
+        """From W₀ [out, in] and H [in, in] (any positive scale).
+
+        A dead input (H_jj = 0, never active on the calibration data) gets H_jj = 1 for
+        the solves and a zero weight, as the references' √H_jj + ε scaling makes it: its
+        weights score lowest, so they never win a kept slot from a live input.
+        """
         h = hessian.double().clone()
         diag = torch.diagonal(h)
         dead = diag <= 0
@@ -55,6 +60,7 @@ class LayerProblem:
         plain = (h / scale.unsqueeze(0) / scale.unsqueeze(1)).float()
         damped = plain + damp * torch.eye(plain.shape[0], dtype=plain.dtype, device=plain.device)
         dense = weight.float() * scale.float().unsqueeze(0)
+        dense[:, dead] = 0
         return cls(damped, plain, dense, dense @ damped, scale.float())
 
     def restore(self, weight: torch.Tensor) -> torch.Tensor:
