@@ -87,16 +87,23 @@ def test_flap_global_gives_per_layer_widths(stories, tmp_path):
     assert (out / "modeling_prunekit.py").exists()
 
 
-def test_magnitude_sp_removes_the_smallest_summed_weights(stories):
+@pytest.mark.parametrize("weights", ["output", "all"])
+def test_magnitude_sp_removes_the_smallest_scores(stories, weights):
+    """Default (FLAP's prune_magnitude_sp): an MLP channel scores ‖W_down[:, j]‖₂;
+    weights=all: the sum of |W| over its gate/up rows and down column."""
     original = prunekit.load_model("stories260k")
-    _prune(stories, "magnitude_sp", sparsity=0.3)
+    _prune(stories, "magnitude_sp", sparsity=0.3, weights=weights)
     adapter = original.adapter
     block = adapter.blocks[1]
-    scores = (
-        weight_matrix(adapter.linear(block, "gate")).abs().sum(1)
-        + weight_matrix(adapter.linear(block, "up")).abs().sum(1)
-        + weight_matrix(adapter.linear(block, "down")).abs().sum(0)
-    )
+    down = weight_matrix(adapter.linear(block, "down"))
+    if weights == "output":
+        scores = torch.linalg.vector_norm(down, dim=0)
+    else:
+        scores = (
+            weight_matrix(adapter.linear(block, "gate")).abs().sum(1)
+            + weight_matrix(adapter.linear(block, "up")).abs().sum(1)
+            + down.abs().sum(0)
+        )
     kept = block_widths(stories.adapter, stories.adapter.blocks[1]).intermediate
     expected = keep_top(scores, scores.numel() - kept)
     pruned_down = weight_matrix(stories.adapter.linear(stories.adapter.blocks[1], "down"))

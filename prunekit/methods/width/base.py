@@ -29,7 +29,7 @@ from torch import nn
 from prunekit.engine.runner import LayerStats, SequentialRunner
 from prunekit.errors import PrunekitError, choice_error
 from prunekit.methods.base import Method, MethodConfig, PruneRequest
-from prunekit.models.adapter import ModelAdapter
+from prunekit.models.adapter import ModelAdapter, weight_matrix
 from prunekit.models.loading import LoadedModel
 from prunekit.surgery.plan import (
     ATTENTION,
@@ -69,6 +69,22 @@ class StructuredConfig(MethodConfig):
             raise PrunekitError("protect_first and protect_last must be >= 0")
 
 
+STRUCTURE_WEIGHTS = ("output", "all")
+
+
+@dataclass
+class StructureWeightsConfig(StructuredConfig):
+    """`weights`: which weights score a structure: "output" (its o_proj / down_proj input
+    columns, as FLAP's baselines) or "all" (every weight of the structure)."""
+
+    weights: str = "output"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.weights not in STRUCTURE_WEIGHTS:
+            raise choice_error("weights", self.weights, STRUCTURE_WEIGHTS)
+
+
 @dataclass
 class BlockScores:
     """Importance of each KV group [kv_heads] and MLP channel [intermediate] of a block."""
@@ -87,6 +103,16 @@ def summed_scores(
     return combine(per_role, ATTENTION, how), combine(per_role, MLP, how)
 
 
+def output_columns(adapter: ModelAdapter, block: nn.Module, fn) -> dict[str, torch.Tensor]:
+    """`{"o": ..., "down": ...}`: `fn(weight [out, in] float, role) -> [in]` per input column
+    of the output projections, shaped [1, in] for `summed_scores`."""
+    return {
+        role: fn(weight_matrix(adapter.linear(block, role)).float(), role).unsqueeze(0)
+        for role in ("o", "down")
+        if role in adapter.spec.linears
+    }
+
+
 class StructuredMethod(Method):
     """Base of width-pruning methods: implement `score` (or `block_scores` for more)."""
 
@@ -103,6 +129,13 @@ class StructuredMethod(Method):
         self, adapter: ModelAdapter, block: nn.Module, stats: BlockStats, plan: BlockPlan
     ) -> None:
         """Called before the surgery with the block's plan (e.g. FLAP's bias compensation)."""
+
+    def global_scores(
+        self, adapter: ModelAdapter, block: nn.Module, scores: BlockScores
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scores comparable across blocks for `selection=global`: (groups, channels), each
+        standardized over its block (override for a method's own normalisation)."""
+        return standardize(scores.groups), standardize(scores.channels)
 
     # -- scoring ---------------------------------------------------------------------
     def block_scores(
@@ -174,9 +207,10 @@ class StructuredMethod(Method):
         else:
             collected = list(self.block_scores(lm, calib, request, dense=True))
             pool = [(i, b, s) for i, b, s in collected if targets[i] > 0]
+            normalised = [self.global_scores(adapter, b, s) for _, b, s in pool]
             chosen = plan_global(
-                [standardize(s.groups) for _, _, s in pool],
-                [standardize(s.channels) for _, _, s in pool],
+                [groups for groups, _ in normalised],
+                [channels for _, channels in normalised],
                 [block_costs(adapter, b) for _, b, _ in pool],
                 sum(targets),
                 removable,

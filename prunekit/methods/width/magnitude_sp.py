@@ -1,5 +1,10 @@
-"""Magnitude-SP: a KV group's or MLP channel's importance is the sum of |W| over all of
-its weights (q/k/v rows and o columns; gate/up rows and the down column). Data-free."""
+"""Magnitude-SP (FLAP's `prune_magnitude_sp` baseline). Data-free.
+
+By default (`weights=output`, the reference): an MLP channel's importance is the L2 norm
+of its down_proj column ‖W_:,j‖₂, a KV group's the sum of those norms over its heads'
+o_proj input columns. `weights=all` sums |W| over every weight of the structure instead
+(q/k/v rows and o columns; gate/up rows and the down column).
+"""
 
 from __future__ import annotations
 
@@ -10,6 +15,8 @@ from prunekit.methods.width.base import (
     BlockScores,
     BlockStats,
     StructuredMethod,
+    StructureWeightsConfig,
+    output_columns,
     summed_scores,
     weight_values,
 )
@@ -19,9 +26,14 @@ from prunekit.models.adapter import ModelAdapter
 @register
 class MagnitudeSP(StructuredMethod):
     name = "magnitude_sp"
-    summary = "remove KV groups / MLP channels with the smallest summed |W|; no data"
+    summary = "remove KV groups / MLP channels with the smallest o/down column norms; no data"
     needs_calibration = False
+    Config = StructureWeightsConfig
 
     def score(self, adapter: ModelAdapter, block: nn.Module, stats: BlockStats) -> BlockScores:
-        groups, channels = summed_scores(adapter, block, weight_values(adapter, block))
+        if self.config.weights == "all":
+            values = weight_values(adapter, block)
+        else:
+            values = output_columns(adapter, block, lambda w, role: w.pow(2).sum(0).sqrt())
+        groups, channels = summed_scores(adapter, block, values)
         return BlockScores(groups, channels, stats)
