@@ -134,7 +134,8 @@ def markdown(report: dict) -> str:
     cal = report["calibration"]
     lines = [
         f"SmolLM2-135M, calibration {cal['nsamples']} x {cal['seqlen']} tokens of WikiText-2 "
-        f"valid (seed 0); WikiText-2 test perplexity, {ev['seqlen']}-token windows, {limit}; "
+        f"valid (seed 0); WikiText-2 test perplexity (the tokenized wiki.test.tokens), "
+        f"{ev['seqlen']}-token windows, {limit}, the field's protocol (no BOS added); "
         f"{report['threads']} threads.",
         "",
         "| method | pattern | propagation | sparsity | WikiText-2 ppl | prune wall (s) "

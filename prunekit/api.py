@@ -32,7 +32,11 @@ from prunekit.models.loading import LoadedModel, load_model, load_pruned
 from prunekit.surgery.masks import SCOPES, Pattern, check_sparsity
 
 __all__ = [
+    "check_device",
     "check_evaluation_name",
+    "check_run",
+    "check_seqlen",
+    "default_eval_seqlen",
     "check_protocol",
     "evaluate",
     "is_zeroshot_task",
@@ -46,12 +50,19 @@ __all__ = [
 ]
 
 
-def _check_seqlen(lm: LoadedModel, seqlen: int) -> None:
+def check_seqlen(lm: LoadedModel, seqlen: int, name: str = "seqlen") -> None:
+    """Fail unless 2 <= seqlen <= the model's context (`name`: the option, for the message)."""
     limit = lm.adapter.max_context
     if limit is not None and seqlen > limit:
-        raise PrunekitError(f"seqlen {seqlen} exceeds the model's context of {limit} tokens")
+        raise PrunekitError(f"{name} {seqlen} exceeds the model's context of {limit} tokens")
     if seqlen < 2:
-        raise PrunekitError(f"seqlen must be at least 2, got {seqlen}")
+        raise PrunekitError(f"{name} must be at least 2, got {seqlen}")
+
+
+def default_eval_seqlen(lm: LoadedModel) -> int:
+    """The evaluation window when none is given: min(1024, the model's context)."""
+    limit = lm.adapter.max_context
+    return 1024 if limit is None else min(1024, limit)
 
 
 def _check_nm_shapes(lm: LoadedModel, pattern: Pattern) -> None:
@@ -63,6 +74,43 @@ def _check_nm_shapes(lm: LoadedModel, pattern: Pattern) -> None:
                     f"pattern {pattern} needs every layer's input width divisible by "
                     f"{pattern.m}; {path} has {in_features}"
                 )
+
+
+def _typed(name: str, value: Any, kinds: tuple[type, ...], what: str) -> Any:
+    """`value` when it is one of `kinds` (bool is never a number), else a one-line error."""
+    if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
+        raise PrunekitError(f"{name} must be {what}, got {value!r}")
+    return value
+
+
+def _at_least(name: str, value: Any, low: int) -> int:
+    _typed(name, value, (int,), "an integer")
+    if value < low:
+        raise PrunekitError(f"{name} must be at least {low}, got {value}")
+    return value
+
+
+def check_device(device: str) -> str:
+    """`cpu`, `cuda`, `cuda:N` or `mps`, available on this machine; a one-line error otherwise."""
+    _typed("device", device, (str,), "a device name such as cpu or cuda:0")
+    kind, _, index = device.partition(":")
+    if kind not in ("cpu", "cuda", "mps") or (index and not index.isdigit()):
+        raise PrunekitError(f"unknown device {device!r}; valid: cpu, cuda, cuda:N, mps")
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            raise PrunekitError(f"device {device!r} asked for, but CUDA is not available here")
+        if index and int(index) >= torch.cuda.device_count():
+            count = torch.cuda.device_count()
+            raise PrunekitError(f"device {device!r} asked for, but only {count} CUDA devices exist")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise PrunekitError("device 'mps' asked for, but MPS is not available here")
+    return device
+
+
+def check_run(device: str, batch_size: int) -> None:
+    """The run options `run_plan` takes, checked before any model loads."""
+    check_device(device)
+    _at_least("batch size", batch_size, 1)
 
 
 def needs_calibration(
@@ -162,6 +210,12 @@ def plan_prune(
     `method` may be `"NAME+UPDATE"` (e.g. `"wanda+admm"`), the same as `update="UPDATE"`.
     `scope` None takes the method's reference scope (`Method.default_scope`).
     """
+    _typed("method", method, (str,), "a method name (see `prunekit methods`)")
+    if sparsity is not None:
+        _typed("sparsity", sparsity, (int, float), "a number in [0, 1)")
+    _typed("pattern", pattern, (str,), "'unstructured' or N:M such as '2:4'")
+    _typed("allocation", allocation, (str, Allocation), "an allocation spec such as 'owl'")
+    _at_least("nsamples", nsamples, 1)
     method, update = split_method(method, update)
     method_cls = get_method(method)
     config = method_cls.Config.from_options(options or {})
@@ -180,8 +234,6 @@ def plan_prune(
     scope = method_cls.default_scope if scope is None else scope
     if scope not in SCOPES:
         raise choice_error("scope", scope, SCOPES)
-    if nsamples < 1:
-        raise PrunekitError(f"nsamples must be at least 1, got {nsamples}")
     if propagate not in PROPAGATION:
         raise choice_error("propagation", propagate, PROPAGATION)
     check_dataset(calib)
@@ -292,7 +344,9 @@ def run_plan(
     `protocol` how calibration windows are cut ("reference" or "bos").
     """
     check_protocol(protocol)
-    _check_seqlen(lm, seqlen)
+    check_run(device, batch_size)
+    _at_least("seed", seed, 0)
+    check_seqlen(lm, seqlen)
     if plan.pattern.is_nm:
         _check_nm_shapes(lm, plan.pattern)
     request = plan.make_request(seed, device, batch_size)
@@ -344,8 +398,8 @@ def check_evaluation_name(name: str) -> None:
 
 def evaluate(
     lm: LoadedModel,
-    tasks: list[str] | tuple[str, ...] = ("wikitext2",),
-    seqlen: int = 1024,
+    tasks: list[str] | tuple[str, ...] | str = ("wikitext2",),
+    seqlen: int | None = None,
     limit: int | None = None,
     batch_size: int | None = None,
     backend: str = "prunekit",
@@ -359,17 +413,26 @@ def evaluate(
     first `limit` windows of a perplexity dataset and the first `limit` items of a task.
     `batch_size`: windows (default 1) or packed items (default 16) per forward pass.
     `backend` scores zero-shot tasks with prunekit or lm-eval's HFLM ("lm-eval").
-    `protocol` cuts perplexity windows: "reference" (the field's: nothing added to a
-    window) or "bos" (BOS first in every window); it is written into each result.
+    `seqlen` None is min(1024, the model's context). `protocol` cuts perplexity windows:
+    "reference" (the field's: nothing added to a window) or "bos" (BOS first in every
+    window); it is written into each result.
     """
     if isinstance(tasks, str):
         tasks = [tasks]
+    _typed("tasks", tasks, (list, tuple), "a task name or a list of them")
+    if not tasks:
+        raise PrunekitError("no task given; name perplexity datasets or zero-shot tasks")
+    if limit is not None:
+        _at_least("limit", limit, 1)
+    if batch_size is not None:
+        _at_least("batch size", batch_size, 1)
     check_protocol(protocol)
+    seqlen = default_eval_seqlen(lm) if seqlen is None else seqlen
     for task in tasks:
         check_evaluation_name(task)
     zeroshot = [t for t in tasks if is_zeroshot_task(t)]
     if len(zeroshot) < len(tasks):
-        _check_seqlen(lm, seqlen)
+        check_seqlen(lm, seqlen)
     scored = evaluate_tasks(lm.model, lm.tokenizer, zeroshot, limit, batch_size or 16, backend)
     results = {}
     for task in tasks:

@@ -1,4 +1,9 @@
-"""The `prunekit` command line: a thin layer over `prunekit.api`."""
+"""The `prunekit` command line: a thin layer over `prunekit.api`.
+
+Only typer and the root's light modules are imported at start-up; torch, transformers
+and the methods are imported by the command that needs them, so `--help`, `--version`
+and usage errors answer at once.
+"""
 
 from __future__ import annotations
 
@@ -6,24 +11,40 @@ import dataclasses
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 
-from prunekit import api
-from prunekit.allocations import ALLOCATIONS
 from prunekit.errors import PrunekitError
-from prunekit.eval.llmkick import format_llmkick, llmkick_view
-from prunekit.export.folder import check_output_dir
-from prunekit.export.record import PruneRecord
-from prunekit.methods import REGISTRY
-from prunekit.methods.unstructured.updates import UPDATES
+from prunekit.settings import VERSION
+
+if TYPE_CHECKING:
+    from prunekit.export.record import PruneRecord
 
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     help="Prune large language models: one API, one CLI, one evaluation protocol.",
 )
+
+
+class Interrupted(Exception):
+    """Ctrl-C during a command; the message says what was kept."""
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        typer.echo(f"prunekit {VERSION}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=_show_version, is_eager=True, help="print the version"
+    ),
+) -> None:
+    """Prune large language models: one API, one CLI, one evaluation protocol."""
 
 
 def _split(values: str) -> list[str]:
@@ -46,13 +67,15 @@ def _write_json(path: Path | None, payload: dict[str, Any]) -> None:
         path.write_text(json.dumps(payload, indent=2) + "\n")
 
 
-def _print_ppl_table(dense: dict[str, dict], pruned: dict[str, dict] | None) -> None:
+def _print_ppl_table(
+    dense: dict[str, dict], pruned: dict[str, dict] | None, label: str = "dense ppl"
+) -> None:
+    from prunekit import api
+
     rows = {name: r for name, r in dense.items() if not api.is_zeroshot_task(name)}
     if not rows:
         return
-    header = f"{'dataset':<16}{'dense ppl':>12}" + (
-        f"{'pruned ppl':>13}{'ratio':>8}" if pruned else ""
-    )
+    header = f"{'dataset':<16}{label:>12}" + (f"{'pruned ppl':>13}{'ratio':>8}" if pruned else "")
     typer.echo(header)
     for name, result in rows.items():
         line = f"{name:<16}{result['perplexity']:>12.3f}"
@@ -64,6 +87,8 @@ def _print_ppl_table(dense: dict[str, dict], pruned: dict[str, dict] | None) -> 
 
 def _print_task_table(dense: dict[str, dict], pruned: dict[str, dict] | None) -> None:
     """Zero-shot rows: acc and acc_norm (LAMBADA: acc and perplexity), dense beside pruned."""
+    from prunekit import api
+
     rows = {name: r for name, r in dense.items() if api.is_zeroshot_task(name)}
     if not rows:
         return
@@ -85,8 +110,14 @@ def _print_task_table(dense: dict[str, dict], pruned: dict[str, dict] | None) ->
         typer.echo(line)
 
 
-def _print_results(dense: dict[str, dict], pruned: dict[str, dict] | None = None) -> None:
-    _print_ppl_table(dense, pruned)
+def _print_results(
+    dense: dict[str, dict], pruned: dict[str, dict] | None = None, label: str = "dense ppl"
+) -> None:
+    """Perplexity and task tables; `label` heads the first column of values."""
+    from prunekit import api
+    from prunekit.eval.llmkick import format_llmkick, llmkick_view
+
+    _print_ppl_table(dense, pruned, label)
     _print_task_table(dense, pruned)
     if pruned and any(api.is_zeroshot_task(name) for name in dense):
         typer.echo("\nLLM-Kick view (retained = pruned / dense)")
@@ -135,7 +166,9 @@ def prune(
     eval: str = typer.Option(
         "", "--eval", help="datasets and zero-shot tasks to evaluate, e.g. wikitext2,piqa"
     ),
-    eval_seqlen: int = typer.Option(1024, help="evaluation window length"),
+    eval_seqlen: int | None = typer.Option(
+        None, help="evaluation window length [default: min(1024, the model's context)]"
+    ),
     eval_limit: int | None = typer.Option(
         None, help="evaluate only the first N windows / task items"
     ),
@@ -146,6 +179,9 @@ def prune(
     json_path: Path | None = typer.Option(None, "--json", help="write the run's record here"),
 ) -> None:
     """Prune MODEL and optionally evaluate and save it."""
+    from prunekit import api
+    from prunekit.export.folder import check_output_dir
+
     if out is not None:
         check_output_dir(out, overwrite)
     if sparsity is None and pattern == "unstructured":
@@ -164,10 +200,16 @@ def prune(
         update_options=_parse_options(update_opt),
     )
     api.check_protocol(ppl_protocol)
+    api.check_run(device, batch_size)
+    if eval_limit is not None and eval_limit < 1:
+        raise PrunekitError(f"--eval-limit must be at least 1, got {eval_limit}")
     tasks = _split(eval)
     for task in tasks:
         api.check_evaluation_name(task)
     lm = api.load_model(model, device="cpu")
+    if tasks:
+        eval_seqlen = eval_seqlen or api.default_eval_seqlen(lm)
+        api.check_seqlen(lm, eval_seqlen, "--eval-seqlen")
     dense = api.evaluate(lm, tasks, eval_seqlen, eval_limit, protocol=ppl_protocol) if tasks else {}
     record = api.run_plan(
         lm,
@@ -199,7 +241,9 @@ def evaluate(
     tasks: str = typer.Option(
         "wikitext2", help="comma-separated perplexity datasets and zero-shot tasks"
     ),
-    seqlen: int = typer.Option(1024, help="evaluation window length"),
+    seqlen: int | None = typer.Option(
+        None, help="evaluation window length [default: min(1024, the model's context)]"
+    ),
     limit: int | None = typer.Option(None, help="evaluate only the first N windows / task items"),
     batch_size: int | None = typer.Option(
         None, help="windows (default 1) or task items (default 16) per forward pass"
@@ -211,10 +255,27 @@ def evaluate(
     json_path: Path | None = typer.Option(None, "--json", help="write results here"),
 ) -> None:
     """Perplexity and zero-shot accuracy of MODEL on each dataset and task."""
+    from prunekit import api
+    from prunekit.eval.zeroshot import BACKENDS
+
+    if backend not in BACKENDS:
+        raise PrunekitError(f"unknown backend {backend!r}; valid: {', '.join(BACKENDS)}")
     api.check_protocol(ppl_protocol)
+    names = _split(tasks)
+    if not names:
+        raise PrunekitError("--tasks names no task; e.g. --tasks wikitext2,piqa")
+    for name in names:
+        api.check_evaluation_name(name)
+    if limit is not None and limit < 1:
+        raise PrunekitError(f"--limit must be at least 1, got {limit}")
+    if batch_size is not None and batch_size < 1:
+        raise PrunekitError(f"--batch-size must be at least 1, got {batch_size}")
     lm = api.load_model(model)
-    results = api.evaluate(lm, _split(tasks), seqlen, limit, batch_size, backend, ppl_protocol)
-    _print_results(results)
+    seqlen = seqlen or api.default_eval_seqlen(lm)
+    api.check_seqlen(lm, seqlen, "--seqlen")
+    results = api.evaluate(lm, names, seqlen, limit, batch_size, backend, ppl_protocol)
+    pruned = (Path(model).expanduser() / "prunekit.json").is_file()
+    _print_results(results, label="pruned ppl" if pruned else "dense ppl")
     _write_json(json_path, {"model": model, "results": results})
 
 
@@ -239,7 +300,16 @@ def bench(
                 state = "done" if cell.key in done else "todo"
                 typer.echo(f"{state}  {cell.key[:12]}  {cell.label}")
             return
-        summary = run_sweep(sweep, store, runner)
+        before = len(store.done_keys())
+        try:
+            summary = run_sweep(sweep, store, runner)
+        except KeyboardInterrupt:
+            stored = len(store.done_keys()) - before
+            total = len({c.key for c in sweep.cells})
+            raise Interrupted(
+                f"interrupted; {stored} cells stored now ({before + stored} of {total} done), "
+                "rerun to resume"
+            ) from None
     typer.echo(
         f"{summary.total} cells: {summary.skipped} already done, {summary.ran} run now, "
         f"{len(summary.failed)} failed; results in {db}"
@@ -273,6 +343,9 @@ def report(
 @app.command()
 def methods() -> None:
     """List registered methods and weight updates with one line each and their options."""
+    from prunekit.methods import REGISTRY
+    from prunekit.methods.unstructured.updates import UPDATES
+
     for name in sorted(REGISTRY):
         cls = REGISTRY[name]
         typer.echo(f"{name:<18}[{cls.kind}] {cls.summary}")
@@ -289,29 +362,61 @@ def methods() -> None:
 @app.command()
 def allocations() -> None:
     """List per-block sparsity allocations (`--allocation NAME[:key=value,...]`)."""
+    from prunekit.allocations import ALLOCATIONS
+
     for name in sorted(ALLOCATIONS):
         cls = ALLOCATIONS[name]
         options = ",".join(f"{f.name}={f.default}" for f in dataclasses.fields(cls.Config))
         typer.echo(f"{name:<18}{cls.summary}" + (f"  [{name}:{options}]" if options else ""))
 
 
+def _is_click_error(err: BaseException) -> bool:
+    """A usage error from click or from the click that typer bundles (duck-typed)."""
+    return hasattr(err, "exit_code") and hasattr(err, "format_message")
+
+
+def _caused_by_interrupt(err: BaseException) -> bool:
+    """True when Ctrl-C lies under `err` (transformers' lazy imports re-raise it as an
+    import error)."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, KeyboardInterrupt):
+            return True
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return False
+
+
 def main() -> None:
-    """Entry point: user errors become one line on stderr and exit code 2."""
+    """Entry point: user errors become one line on stderr and exit code 2; Ctrl-C says
+    what was kept and exits 130."""
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)
     except PrunekitError as err:
         typer.echo(f"error: {err}", err=True)
         sys.exit(2)
-    except (typer.Abort, KeyboardInterrupt):
-        typer.echo("aborted", err=True)
+    except Interrupted as err:
+        typer.echo(str(err), err=True)
         sys.exit(130)
-    except Exception as err:  # click usage errors carry their own exit code
-        import click
-
-        if isinstance(err, click.ClickException):
-            err.show()
-            sys.exit(err.exit_code)
+    except (typer.Abort, KeyboardInterrupt):
+        typer.echo("interrupted; nothing written", err=True)
+        sys.exit(130)
+    except Exception as err:
+        if _caused_by_interrupt(err):
+            typer.echo("interrupted; nothing written", err=True)
+            sys.exit(130)
+        if type(err).__name__ == "NoArgsIsHelpError":
+            typer.echo(err.ctx.get_help())
+            sys.exit(0)
+        if _is_click_error(err):
+            message = " ".join(err.format_message().split())
+            typer.echo(f"error: {message}", err=True)
+            sys.exit(2)
         raise
+    if code == 130:
+        typer.echo("interrupted; nothing written", err=True)
+    if isinstance(code, int) and code:
+        sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from prunekit.allocations.base import Allocated, Allocation, AllocationConfig, register_allocation
-from prunekit.errors import PrunekitError
+from prunekit.errors import PrunekitError, read_text
 from prunekit.methods.base import PruneRequest
 from prunekit.models.loading import LoadedModel
 
@@ -30,7 +30,7 @@ def read_ratios(path: str | Path, blocks: int) -> list[float]:
     if not path.is_file():
         raise PrunekitError(f"allocation file not found: {path}")
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(read_text(path, "allocation file"))
     except json.JSONDecodeError as err:
         raise PrunekitError(f"allocation file {path} is not valid JSON ({err.msg})") from None
     if not isinstance(data, dict):

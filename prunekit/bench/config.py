@@ -21,7 +21,7 @@ import yaml
 from prunekit.allocations import ALLOCATIONS
 from prunekit.api import needs_calibration
 from prunekit.engine.runner import PROPAGATION
-from prunekit.errors import PrunekitError
+from prunekit.errors import PrunekitError, read_text
 from prunekit.methods import get_method
 from prunekit.settings import VERSION
 from prunekit.surgery.masks import SCOPES, Pattern, check_sparsity
@@ -322,7 +322,7 @@ def load_config(path: str | Path) -> SweepConfig:
     if not path.is_file():
         raise PrunekitError(f"sweep config not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = yaml.safe_load(read_text(path, "sweep config"))
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""

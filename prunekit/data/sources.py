@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from prunekit import settings
-from prunekit.errors import PrunekitError, choice_error
+from prunekit.errors import PrunekitError, choice_error, read_text
 
 
 @dataclass(frozen=True)
@@ -115,7 +115,7 @@ def _read_local(dataset: Dataset, split: str) -> tuple[str, str] | None:
     path = root / "data" / "text" / dataset.local[split]
     if not path.is_file():
         return None
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path, "text file")
     if dataset.fraction and split in dataset.fraction:
         lo, hi = dataset.fraction[split]
         text = text[int(lo * len(text)) : int(hi * len(text))]
@@ -136,7 +136,7 @@ def load_text(name: str, split: str | None = None, purpose: str = "eval") -> Tex
     """
     path = Path(name).expanduser()
     if name not in DATASETS and path.is_file():
-        return TextSource(path.stem, "file", path.read_text(encoding="utf-8"), str(path))
+        return TextSource(path.stem, "file", read_text(path, "text file"), str(path))
     check_dataset(name)
     dataset = DATASETS[name]
     split = split or (dataset.calib_split if purpose == "calib" else dataset.eval_split)

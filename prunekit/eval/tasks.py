@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from prunekit import settings
-from prunekit.errors import PrunekitError, choice_error
+from prunekit.errors import PrunekitError, choice_error, read_text
 
 DELIMITER = " "
 
@@ -172,14 +172,13 @@ def load_task(name: str, limit: int | None = None) -> list[Item]:
         raise PrunekitError(f"limit must be at least 1, got {limit}")
     spec, path = TASKS[canonical], task_path(canonical)
     items = []
-    with path.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
-            if limit is not None and len(items) >= limit:
-                break
-            if not line.strip():
-                continue
-            try:
-                items.append(spec.build(json.loads(line)))
-            except (KeyError, ValueError, TypeError) as err:
-                raise PrunekitError(f"{path}:{number}: not a {canonical} item ({err})") from err
+    for number, line in enumerate(read_text(path, "task file").splitlines(), start=1):
+        if limit is not None and len(items) >= limit:
+            break
+        if not line.strip():
+            continue
+        try:
+            items.append(spec.build(json.loads(line)))
+        except (KeyError, ValueError, TypeError) as err:
+            raise PrunekitError(f"{path}:{number}: not a {canonical} item ({err})") from err
     return items

@@ -130,22 +130,89 @@ def _write_modeling_file(folder: Path, base_class: str) -> None:
 
 
 def check_output_dir(out: str | Path, overwrite: bool) -> Path:
-    """Fail early (before any work) when `out` exists and overwriting was not asked for."""
+    """Fail early (before any work) when `out` exists and overwriting was not asked for,
+    when it is not a folder, or when its parent cannot be written."""
     out = Path(out).expanduser()
-    if out.exists() and not overwrite:
-        raise PrunekitError(f"output folder {out} exists; pass --overwrite to replace it")
     if out.exists() and not out.is_dir():
         raise PrunekitError(f"output path {out} exists and is not a folder")
+    if out.exists() and not overwrite:
+        raise PrunekitError(f"output folder {out} exists; pass --overwrite to replace it")
+    parent = out.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise PrunekitError(f"cannot write the output folder {out}: {parent} is not writable")
     return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temporaries(out: Path) -> None:
+    """Remove `.NAME.tmp-PID-*` / `.NAME.old-PID` / `.NAME.lock` siblings of `out` left by
+    processes that no longer run (killed mid-save)."""
+    if not out.parent.is_dir():
+        return
+    for path in out.parent.glob(f".{out.name}.*"):
+        kind, _, rest = path.name[len(out.name) + 2 :].partition("-")
+        if kind == "lock":
+            pid_text = path.read_text().strip() if path.is_file() else ""
+        elif kind in ("tmp", "old"):
+            pid_text = rest.partition("-")[0]
+        else:
+            continue
+        if pid_text.isdigit() and not _alive(int(pid_text)):
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _exclusive(out: Path):
+    """Hold `.NAME.lock` beside `out` while the finished folder is moved into place, so
+    two saves to one folder cannot both succeed."""
+    lock = out.with_name(f".{out.name}.lock")
+    try:
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        raise PrunekitError(f"another process is writing {out}; try again") from None
+    try:
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def _apply_umask(folder: Path) -> None:
+    """Give the folder and its files the modes the user's umask asks for (mkdtemp: 0700)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    folder.chmod(0o777 & ~mask)
+    for path in folder.rglob("*"):
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
 
 
 def save_pruned(
     lm: LoadedModel, out: str | Path, record: dict[str, Any], overwrite: bool = False
 ) -> Path:
-    """Save model, tokenizer and `record` to `out`; the folder appears only when complete."""
+    """Save model, tokenizer and `record` to `out`; the folder appears only when complete.
+
+    Without `overwrite`, a folder that appears at `out` while this one is written wins:
+    this save then fails and leaves nothing behind.
+    """
     out = check_output_dir(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    remove_stale_temporaries(out)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
     layout = layout_of(lm.model)
     try:
         with _config_for_saving(lm.adapter, layout):
@@ -158,13 +225,17 @@ def save_pruned(
             lm.tokenizer.save_pretrained(tmp)
         record = {**record, "layout": layout}
         (tmp / RECORD_FILE).write_text(json.dumps(record, indent=2, sort_keys=False) + "\n")
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        _apply_umask(tmp)
+        with _exclusive(out):
+            if out.exists() and not overwrite:
+                raise PrunekitError(f"output folder {out} appeared while this run wrote it")
+            if out.exists():
+                old = out.with_name(f".{out.name}.old-{os.getpid()}")
+                os.replace(out, old)
+                os.replace(tmp, out)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -127,21 +127,31 @@ def load_model(
     A folder written by prunekit with per-layer widths or sliced by SliceGPT is handed
     to `load_pruned`.
     """
+    if not isinstance(source, (str, Path)):
+        raise PrunekitError(f"model must be a folder, hub id, .gguf path or alias, got {source!r}")
     hf_logging.disable_progress_bar()  # prunekit shows its own progress
-    where, extra = _resolve(source)
-    if is_per_layer_folder(where) or is_sliced_folder(where):
-        return load_pruned(where, dtype=dtype, device=device)
-    if "gguf_file" not in extra:
-        family_of(_read_model_type(where, extra))  # fails early, naming supported ones
     try:
+        where, extra = _resolve(str(source))
+        if is_per_layer_folder(where) or is_sliced_folder(where):
+            return load_pruned(where, dtype=dtype, device=device)
+        if "gguf_file" not in extra:
+            family_of(_read_model_type(where, extra))  # fails early, naming supported ones
         model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **extra)
         tokenizer = AutoTokenizer.from_pretrained(where, **extra)
-    except OSError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise PrunekitError(f"cannot load model {source!r}: {first}") from err
+    except PrunekitError:
+        raise
+    except Exception as err:  # a corrupt, truncated or refused file: one line naming it
+        raise PrunekitError(f"cannot load model {source!r}: {describe_error(err)}") from err
     _forget_gguf(model)
     model.to(device).eval()
     return LoadedModel(model=model, tokenizer=tokenizer, adapter=adapter_for(model), source=source)
+
+
+def describe_error(err: BaseException) -> str:
+    """`Type: first line of the message` (at most 200 characters) for a one-line error."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    text = f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
+    return text if len(text) <= 200 else text[:197] + "..."
 
 
 def _config_has(where: str | Path, key: str) -> bool:

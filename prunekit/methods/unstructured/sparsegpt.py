@@ -30,6 +30,8 @@ class SparseGPTConfig(MethodConfig):
     blocksize: int = 128  # columns per lazy update block
     percdamp: float = 0.01  # damping, as a fraction of mean(diag(H))
 
+    ranges = {"blocksize": ">= 1", "percdamp": "> 0"}
+
 
 def inverse_hessian_factor(hessian: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, float]:
     """Upper Cholesky factor U of (H + λI)⁻¹ with U ᵀU = (H + λI)⁻¹; returns (U, percdamp used).
