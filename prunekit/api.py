@@ -17,7 +17,7 @@ from prunekit.errors import PrunekitError, choice_error
 from prunekit.eval.perplexity import perplexity
 from prunekit.eval.tasks import TASKS, canonical_task
 from prunekit.eval.zeroshot import evaluate_tasks
-from prunekit.export.folder import save_pruned
+from prunekit.export.folder import check_output_dir, save_pruned
 from prunekit.export.record import (
     PruneRecord,
     count_parameters,
@@ -448,4 +448,9 @@ def evaluate(
 
 def save(lm: LoadedModel, out: str | Path, record: PruneRecord, overwrite: bool = False) -> Path:
     """Write `lm` as a HF folder with its prunekit.json (atomically)."""
+    check_output_dir(out, overwrite)
+    if not isinstance(record, PruneRecord):
+        raise PrunekitError(
+            f"record must be the PruneRecord prunekit.prune returned, got {record!r}"
+        )
     return save_pruned(lm, out, record.as_dict(), overwrite)

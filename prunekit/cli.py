@@ -61,6 +61,17 @@ def _parse_options(pairs: list[str]) -> dict[str, str]:
     return options
 
 
+def _check_json_path(path: Path | None) -> None:
+    """Fail before any work when `--json PATH` cannot be written."""
+    from prunekit.export.folder import check_writable_parent
+
+    if path is None:
+        return
+    if path.is_dir():
+        raise PrunekitError(f"--json {path} is a folder; name a file")
+    check_writable_parent(path, "--json")
+
+
 def _write_json(path: Path | None, payload: dict[str, Any]) -> None:
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -184,6 +195,7 @@ def prune(
 
     if out is not None:
         check_output_dir(out, overwrite)
+    _check_json_path(json_path)
     if sparsity is None and pattern == "unstructured":
         sparsity = 0.5
     plan = api.plan_prune(
@@ -258,6 +270,7 @@ def evaluate(
     from prunekit import api
     from prunekit.eval.zeroshot import BACKENDS
 
+    _check_json_path(json_path)
     if backend not in BACKENDS:
         raise PrunekitError(f"unknown backend {backend!r}; valid: {', '.join(BACKENDS)}")
     api.check_protocol(ppl_protocol)
@@ -335,6 +348,8 @@ def report(
 
     if not db.is_file():
         raise PrunekitError(f"results store not found: {db}")
+    if out.exists() and not out.is_dir():
+        raise PrunekitError(f"report --out {out} is a file; name a folder")
     sweep = load_config(config) if config is not None else None
     paths = write_report(db, out, title, sweep)
     typer.echo("wrote " + ", ".join(str(p) for p in paths))

@@ -319,7 +319,7 @@ def write_report(
 
     With the sweep's `config`, cells of the grid missing from the store are listed.
     """
-    with ResultStore(db) as store:
+    with ResultStore(db, read_only=True) as store:
         rows, failed = store.rows("done"), store.rows("failed")
     if not rows:
         raise PrunekitError(f"results store {db} has no finished cells to report")

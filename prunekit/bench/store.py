@@ -67,22 +67,51 @@ def _loads(text: str | None) -> Any:
     return json.loads(text) if text else None
 
 
-class ResultStore:
-    """A results database file (created on first use)."""
+COLUMNS = {
+    "key", "status", "model", "method", "sparsity", "pattern", "allocation", "seed", "config",
+    "metrics", "prune", "timing", "data_hashes", "versions", "wall_time_s", "peak_rss_mb",
+    "error", "attempts", "finished_at",
+}  # fmt: skip
 
-    def __init__(self, path: str | Path):
+
+class ResultStore:
+    """A results database file (created on first use unless `read_only`).
+
+    Several processes may open (and create) one store at once; a read-only store is
+    never written, and a file with another schema is refused in one line.
+    """
+
+    def __init__(self, path: str | Path, read_only: bool = False):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if read_only and not self.path.is_file():
+            raise PrunekitError(f"results store not found: {self.path}")
         try:
-            self.db = sqlite3.connect(self.path)
-            self.db.executescript(SCHEMA)
-            found = self.db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
+            if read_only:
+                self.db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=30)
+            else:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self.db = sqlite3.connect(self.path, timeout=30)
+                self.db.executescript(SCHEMA)
+                with self.db:
+                    self.db.execute(
+                        "INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),)
+                    )
+            tables = {n for (n,) in self.db.execute("SELECT name FROM sqlite_master")}
+            found = (
+                self.db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
+                if "meta" in tables
+                else None
+            )
+            columns = (
+                {row[1] for row in self.db.execute("PRAGMA table_info(cells)")}
+                if "cells" in tables
+                else set()
+            )
         except sqlite3.DatabaseError as err:
             raise PrunekitError(f"{self.path} is not a prunekit results store ({err})") from None
-        if found is None:
-            with self.db:
-                self.db.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
-        elif int(found[0]) != SCHEMA_VERSION:
+        if found is None or not columns >= COLUMNS:
+            raise PrunekitError(f"{self.path} is not a prunekit results store (no cells table)")
+        if int(found[0]) != SCHEMA_VERSION:
             raise PrunekitError(
                 f"{self.path} has results schema {found[0]}; this prunekit reads {SCHEMA_VERSION}"
             )

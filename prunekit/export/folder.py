@@ -137,12 +137,20 @@ def check_output_dir(out: str | Path, overwrite: bool) -> Path:
         raise PrunekitError(f"output path {out} exists and is not a folder")
     if out.exists() and not overwrite:
         raise PrunekitError(f"output folder {out} exists; pass --overwrite to replace it")
-    parent = out.parent
+    check_writable_parent(out, "the output folder")
+    return out
+
+
+def check_writable_parent(path: Path, what: str) -> None:
+    """Fail unless `path` could be created: its nearest existing ancestor is a writable
+    folder (`what` names the path in the message)."""
+    parent = path.parent
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise PrunekitError(f"cannot write the output folder {out}: {parent} is not writable")
-    return out
+    if not parent.is_dir():
+        raise PrunekitError(f"cannot write {what} {path}: {parent} is not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise PrunekitError(f"cannot write {what} {path}: {parent} is not writable")
 
 
 def _alive(pid: int) -> bool:
