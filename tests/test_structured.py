@@ -206,7 +206,7 @@ def test_llm_pruner_prefers_groups_with_small_taylor_scores(stories):
     [
         ("flap", {"selection": "best"}, "unknown selection 'best'"),
         ("llm_pruner", {"aggregation": "mean"}, "unknown aggregation"),
-        ("llm_pruner", {"protect_first": 3, "protect_last": 2}, "leave none of the 5 blocks"),
+        ("llm_pruner", {"protect_first": 3, "protect_last": 2}, "leaves none of the 5 blocks"),
     ],
 )
 def test_bad_options_are_one_line_errors(stories, method, options, message):
@@ -237,3 +237,14 @@ def test_every_method_runs_on_every_family(family):
         assert details["decoder_share_removed"] == pytest.approx(removed, abs=1e-6)
         with torch.no_grad():
             assert torch.isfinite(model(input_ids=ids).logits).all()
+
+
+def test_llm_pruner_scales_its_protected_blocks_to_the_depth(stories):
+    """The reference protects 4 + 2 of LLaMA-7B's 32 blocks; on 5 blocks that is 1 + 0,
+    so the default run prunes (it used to leave no block to prune)."""
+    record = prunekit.prune(
+        stories, "llm_pruner", 0.2, calib="tinyshakespeare", nsamples=4, seqlen=64
+    )
+    assert record.details["protected_blocks"] == {"first": 1, "last": 0}
+    assert block_widths(stories.adapter, stories.adapter.blocks[0]).intermediate == 172
+    assert block_widths(stories.adapter, stories.adapter.blocks[4]).intermediate < 172

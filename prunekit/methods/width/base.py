@@ -65,8 +65,13 @@ class StructuredConfig(MethodConfig):
     def __post_init__(self) -> None:
         if self.selection not in SELECTIONS:
             raise choice_error("selection", self.selection, SELECTIONS)
-        if self.protect_first < 0 or self.protect_last < 0:
-            raise PrunekitError("protect_first and protect_last must be >= 0")
+        if self.protect_first < -1 or self.protect_last < -1:
+            raise PrunekitError("protect_first and protect_last must be >= 0 (or -1: auto)")
+
+    def protected_ends(self, num_blocks: int) -> tuple[int, int]:
+        """(first, last) blocks left unpruned in a model of `num_blocks` blocks; -1 (auto)
+        means none here (methods with a reference setting override this)."""
+        return max(self.protect_first, 0), max(self.protect_last, 0)
 
 
 STRUCTURE_WEIGHTS = ("output", "all")
@@ -171,16 +176,14 @@ class StructuredMethod(Method):
     # -- budget ----------------------------------------------------------------------
     def _targets(self, adapter: ModelAdapter, request: PruneRequest) -> list[float]:
         """Parameters to remove from each block (protected blocks: 0)."""
-        config = self.config
         sizes = [block_parameters(b) for b in adapter.blocks]
         n = len(sizes)
-        protected = set(range(min(config.protect_first, n))) | set(
-            range(max(n - config.protect_last, 0), n)
-        )
+        first, last = self.config.protected_ends(n)
+        protected = set(range(min(first, n))) | set(range(max(n - last, 0), n))
         if len(protected) == n:
             raise PrunekitError(
-                f"protect_first={config.protect_first} and protect_last={config.protect_last} "
-                f"leave none of the {n} blocks to prune"
+                f"protecting the first {first} and last {last} blocks leaves none of the {n} "
+                "blocks to prune; lower --opt protect_first / protect_last"
             )
         total = sum(request.target(i).sparsity * s for i, s in enumerate(sizes))
         raw = [
@@ -220,8 +223,10 @@ class StructuredMethod(Method):
                 plans[index] = plan
         update_config_widths(adapter)
         after = decoder_parameters(adapter)
+        first, last = config.protected_ends(adapter.num_layers)
         return {
             "selection": config.selection,
+            "protected_blocks": {"first": first, "last": last},
             "decoder_parameters_before": before,
             "decoder_parameters_after": after,
             "decoder_share_removed": round(1 - after / before, 6),

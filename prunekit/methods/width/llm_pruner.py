@@ -12,8 +12,10 @@ then aggregated over the group's linears by `aggregation` (sum, max, prod, or la
 the output projection only). Gradients are computed block by block
 (`engine.gradients.blockwise_lm_gradients`: exact backpropagation with activation
 checkpoints at block boundaries), so only one block's graph is ever held. All scores
-come from the dense model; by default the first 4 and last 2 blocks are left unpruned,
-as in the paper's LLaMA-7B setting (blocks 4-29 of 32), and the others share the budget.
+come from the dense model; by default (`protect_first` / `protect_last` = -1) the first 4
+and last 2 of every 32 blocks are left unpruned, as in the paper's LLaMA-7B setting
+(blocks 4-29 of 32), scaled to the model's depth (30 blocks: 4 and 2; 5 blocks: 1 and 0),
+and the others share the budget.
 """
 
 from __future__ import annotations
@@ -40,8 +42,16 @@ AGGREGATIONS = ("sum", "max", "prod", "last")
 class LLMPrunerConfig(StructuredConfig):
     importance: str = "element"  # element: Σ|W·G|; vector: |Σ W·G| per linear slice
     aggregation: str = "sum"  # over the group's linears: sum, max, prod, last
-    protect_first: int = 4
-    protect_last: int = 2
+    protect_first: int = -1  # -1: the reference's 4 of 32 blocks, scaled to the depth
+    protect_last: int = -1  # -1: the reference's 2 of 32 blocks, scaled to the depth
+
+    def protected_ends(self, num_blocks: int) -> tuple[int, int]:
+        first, last = self.protect_first, self.protect_last
+        scale = num_blocks / 32
+        return (
+            round(4 * scale) if first == -1 else first,
+            round(2 * scale) if last == -1 else last,
+        )
 
     def __post_init__(self) -> None:
         super().__post_init__()
