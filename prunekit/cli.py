@@ -61,6 +61,20 @@ def _parse_options(pairs: list[str]) -> dict[str, str]:
     return options
 
 
+THREADS_HELP = "torch threads [default: torch's choice; 1 is often faster on a busy machine]"
+
+
+def _set_threads(threads: int | None) -> None:
+    """Apply `--threads` (checked: at least 1) before any work."""
+    if threads is None:
+        return
+    if threads < 1:
+        raise PrunekitError(f"--threads must be at least 1, got {threads}")
+    import torch
+
+    torch.set_num_threads(threads)
+
+
 def _check_json_path(path: Path | None) -> None:
     """Fail before any work when `--json PATH` cannot be written."""
     from prunekit.export.folder import check_writable_parent
@@ -187,6 +201,7 @@ def prune(
         "reference",
         help="calibration / perplexity windows: reference (nothing added) or bos (BOS first)",
     ),
+    threads: int | None = typer.Option(None, help=THREADS_HELP),
     json_path: Path | None = typer.Option(None, "--json", help="write the run's record here"),
 ) -> None:
     """Prune MODEL and optionally evaluate and save it."""
@@ -196,6 +211,7 @@ def prune(
     if out is not None:
         check_output_dir(out, overwrite)
     _check_json_path(json_path)
+    _set_threads(threads)
     if sparsity is None and pattern == "unstructured":
         sparsity = 0.5
     plan = api.plan_prune(
@@ -264,6 +280,7 @@ def evaluate(
     ppl_protocol: str = typer.Option(
         "reference", help="perplexity windows: reference (nothing added) or bos (BOS first)"
     ),
+    threads: int | None = typer.Option(None, help=THREADS_HELP),
     json_path: Path | None = typer.Option(None, "--json", help="write results here"),
 ) -> None:
     """Perplexity and zero-shot accuracy of MODEL on each dataset and task."""
@@ -271,6 +288,7 @@ def evaluate(
     from prunekit.eval.zeroshot import BACKENDS
 
     _check_json_path(json_path)
+    _set_threads(threads)
     if backend not in BACKENDS:
         raise PrunekitError(f"unknown backend {backend!r}; valid: {', '.join(BACKENDS)}")
     api.check_protocol(ppl_protocol)
@@ -300,11 +318,18 @@ def bench(
     ray_address: str | None = typer.Option(None, help="Ray cluster address (default: local)"),
     ray_cpus: int | None = typer.Option(None, help="CPUs of a local Ray instance"),
     dry_run: bool = typer.Option(False, help="list the cells and whether they are done"),
+    threads: int | None = typer.Option(
+        None, help="torch threads per cell [default: the config's execution.threads]"
+    ),
 ) -> None:
     """Run the grid of CONFIG; cells already in the store are not run again."""
     from prunekit.bench import ResultStore, load_config, make_executor, run_sweep
 
+    if threads is not None and threads < 1:
+        raise PrunekitError(f"--threads must be at least 1, got {threads}")
     sweep = load_config(config)
+    if threads is not None:
+        sweep.execution.threads = threads
     runner = None if dry_run else make_executor(executor, ray_address, ray_cpus)
     with ResultStore(db) as store:
         if dry_run:

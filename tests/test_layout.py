@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "prunekit"
-CORE = {"errors", "settings", "registry", "options"}
+CORE = {"errors", "settings", "registry", "options", "progress"}
 PUBLIC = {"__init__", "__main__", "api", "cli"}
 
 # layer -> the layers it may import (besides itself and the cross-cutting core)

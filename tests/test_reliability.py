@@ -438,3 +438,15 @@ def test_sweep_configs_parse_or_fail_in_one_line(raw):
         assert "\n" not in str(err)
         return
     assert all(cell.model for cell in sweep.cells)
+
+
+def test_progress_in_a_log_is_one_readable_line_per_update(capsys, monkeypatch):
+    from prunekit import progress as progress_module
+
+    monkeypatch.setattr(progress_module, "LOG_INTERVAL_S", 0.0)
+    for _ in progress_module.progress(range(5), desc="blocks", leave=True, miniters=1):
+        pass
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) >= 2 and lines[-1].startswith("blocks: 100%")

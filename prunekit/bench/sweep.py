@@ -5,10 +5,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from tqdm.auto import tqdm
-
 from prunekit.bench.config import Cell, SweepConfig
 from prunekit.bench.store import ResultStore
+from prunekit.progress import progress as tqdm
 
 
 @dataclass

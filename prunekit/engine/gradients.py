@@ -16,10 +16,10 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from prunekit.engine.runner import SequentialRunner
 from prunekit.models.adapter import ModelAdapter
+from prunekit.progress import progress as tqdm
 
 
 def _head_gradient(

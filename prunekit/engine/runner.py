@@ -12,12 +12,12 @@ from contextlib import contextmanager
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from prunekit.engine.capture import BlockCall, CapturedInputs, capture_inputs
 from prunekit.engine.collectors import COLLECTORS, Collector
 from prunekit.errors import choice_error
 from prunekit.models.adapter import ModelAdapter
+from prunekit.progress import progress as tqdm
 
 LayerStats = dict[str, torch.Tensor]  # collector name -> statistic
 PROPAGATION = ("pruned", "dense")

@@ -18,8 +18,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
+
+from prunekit.progress import progress as tqdm
 
 PAD_SEGMENT = -1
 CONTEXT_SEGMENT = 0

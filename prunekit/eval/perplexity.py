@@ -10,10 +10,10 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from prunekit.data import evaluation_windows, load_text
+from prunekit.progress import progress as tqdm
 
 
 @dataclass

@@ -13,12 +13,12 @@ import math
 from collections.abc import Callable, Sequence
 
 from torch import nn
-from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from prunekit.errors import choice_error
 from prunekit.eval.loglik import Score, loglikelihoods
 from prunekit.eval.tasks import TASKS, Item, canonical_task, load_task, task_path
+from prunekit.progress import progress as tqdm
 
 Scorer = Callable[..., list[Score]]
 BACKENDS = ("prunekit", "lm-eval")

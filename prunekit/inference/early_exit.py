@@ -32,11 +32,11 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from prunekit.errors import PrunekitError
 from prunekit.models.adapter import ModelAdapter
 from prunekit.models.loading import LoadedModel
+from prunekit.progress import progress as tqdm
 
 FEATURES = ("top_prob", "top2_gap")
 

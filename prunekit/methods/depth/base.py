@@ -14,12 +14,12 @@ from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from prunekit.engine.runner import SequentialRunner
 from prunekit.errors import PrunekitError
 from prunekit.methods.base import Method, MethodConfig, PruneRequest
 from prunekit.models.loading import LoadedModel
+from prunekit.progress import progress as progress_bar
 from prunekit.surgery.depth import remove_blocks
 from prunekit.surgery.masks import prune_count
 
@@ -187,5 +187,5 @@ class DepthMethod(Method):
 
 
 def progress(iterable, desc: str, total: int | None = None):
-    """tqdm over `iterable` (one line, cleared when done)."""
-    return tqdm(iterable, desc=desc, total=total, leave=False)
+    """A progress bar over `iterable` (one line, cleared when done)."""
+    return progress_bar(iterable, desc=desc, total=total, leave=False)

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from prunekit.engine.runner import BlockContext, LayerStats
 from prunekit.errors import PrunekitError, choice_error
@@ -28,6 +27,7 @@ from prunekit.methods.base import MethodConfig, PruneRequest, register
 from prunekit.methods.unstructured.layerwise import LayerwiseMethod
 from prunekit.models.adapter import as_weight_parameter, set_weight_matrix, weight_matrix
 from prunekit.models.loading import LoadedModel
+from prunekit.progress import progress as tqdm
 from prunekit.surgery.masks import Target
 
 GRANULARITIES = ("layer", "row")

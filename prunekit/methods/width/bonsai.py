@@ -23,7 +23,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from prunekit.errors import PrunekitError
 from prunekit.eval.perplexity import window_nll
@@ -31,6 +30,7 @@ from prunekit.methods.base import Method, MethodConfig, PruneRequest, register
 from prunekit.methods.width.base import summed_scores, weight_values
 from prunekit.models.adapter import ModelAdapter
 from prunekit.models.loading import LoadedModel
+from prunekit.progress import progress as tqdm
 from prunekit.surgery.plan import block_costs
 from prunekit.surgery.width import (
     block_widths,
