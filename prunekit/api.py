@@ -49,6 +49,8 @@ __all__ = [
     "save",
 ]
 
+DEFAULT_SPARSITY = 0.5
+
 
 def check_seqlen(lm: LoadedModel, seqlen: int, name: str = "seqlen") -> None:
     """Fail unless 2 <= seqlen <= the model's context (`name`: the option, for the message)."""
@@ -209,6 +211,8 @@ def plan_prune(
 
     `method` may be `"NAME+UPDATE"` (e.g. `"wanda+admm"`), the same as `update="UPDATE"`.
     `scope` None takes the method's reference scope (`Method.default_scope`).
+    `sparsity` None means 0.5 (or, for a depth method given `blocks`, blocks / depth);
+    what it measures depends on the method (`Method.sparsity_meaning`).
     """
     _typed("method", method, (str,), "a method name (see `prunekit methods`)")
     if sparsity is not None:
@@ -229,8 +233,15 @@ def plan_prune(
                 f"(which keeps {parsed.n} of {parsed.m}, i.e. sparsity {parsed.sparsity:g})"
             )
         sparsity = parsed.sparsity
+    if getattr(config, "blocks", 0) > 0:
+        if sparsity is not None:
+            raise PrunekitError(
+                f"give sparsity or option blocks={config.blocks}, not both "
+                f"({method} removes blocks, so either fixes how many)"
+            )
+        sparsity = 0.0  # replaced by blocks / depth when the method runs
     if sparsity is None:
-        raise PrunekitError("sparsity is required with an unstructured pattern")
+        sparsity = DEFAULT_SPARSITY
     scope = method_cls.default_scope if scope is None else scope
     if scope not in SCOPES:
         raise choice_error("scope", scope, SCOPES)
@@ -238,6 +249,11 @@ def plan_prune(
         raise choice_error("propagation", propagate, PROPAGATION)
     check_dataset(calib)
     alloc = get_allocation(allocation)
+    if method_cls.no_allocation and alloc.name != "uniform":
+        raise PrunekitError(
+            f"allocation {alloc.name!r} does not apply: {method_cls.no_allocation}; "
+            "use allocation uniform"
+        )
     if parsed.is_nm and alloc.name != "uniform":
         raise PrunekitError(
             f"allocation {alloc.name!r} needs an unstructured pattern; N:M fixes every "
@@ -260,7 +276,7 @@ def plan_prune(
 def prune(
     lm: LoadedModel,
     method: str = "wanda",
-    sparsity: float | None = 0.5,
+    sparsity: float | None = None,
     pattern: str = "unstructured",
     calib: str = "wikitext2",
     nsamples: int = 64,
@@ -278,8 +294,10 @@ def prune(
 ) -> PruneRecord:
     """Plan (`plan_prune`) and run (`run_plan`) a pruning of `lm.model` in place.
 
-    `sparsity` is the mean share of weights (or structure) removed; an N:M `pattern`
-    implies it (1 - N/M). `options` are the method's own (`prunekit methods` lists them).
+    `sparsity` is the mean share of weights (or structure) removed, 0.5 when None; an N:M
+    `pattern` implies it (1 - N/M). Its unit is the method's (`Method.sparsity_meaning`):
+    weights zeroed per linear, decoder-block parameters removed, blocks removed.
+    `options` are the method's own (`prunekit methods` lists them).
     `allocation` spreads the mean over the blocks: `uniform`, `owl[:m=5,lam=0.08]`,
     `file:PATH.json` (block index -> ratio), or an `Allocation` instance.
     `update` re-fits the kept weights after the mask ("admm", "alps", "sparsegpt"; or
@@ -359,7 +377,8 @@ def run_plan(
     params_before = count_parameters(lm.model)
     allocated = allocate(plan.allocation, lm, windows, request)
     request.layer_sparsity = allocated.ratios
-    details = plan.make_method().run(lm, windows, request) or {}
+    method = plan.make_method()
+    details = method.run(lm, windows, request) or {}
     if plan.allocation.name != "uniform":
         details = {**details, "allocation": allocated.details}
     request_dict = dataclasses.asdict(request)
@@ -379,6 +398,7 @@ def run_plan(
         wall_time_s=time.perf_counter() - start,
         peak_rss_mb=peak_rss_mb(),
         details=details,
+        outcome=method.outcome(details),
         update=plan.update.describe() if plan.update else None,
     )
 

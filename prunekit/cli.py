@@ -164,7 +164,12 @@ def _outcome(record: PruneRecord) -> str:
 def prune(
     model: str = typer.Argument(..., help="HF folder, hub id, .gguf file, or alias"),
     method: str = typer.Option("wanda", help="pruning method (see `prunekit methods`)"),
-    sparsity: float | None = typer.Option(None, help="share of weights removed, in [0, 1)"),
+    sparsity: float | None = typer.Option(
+        None,
+        help="in [0, 1) [default: 0.5, or 1 - N/M]; mask methods: share of weights zeroed "
+        "per linear; width: of decoder-block parameters removed; depth: of blocks removed; "
+        "slicegpt: of the hidden width (`prunekit methods` says per method)",
+    ),
     pattern: str = typer.Option("unstructured", help="unstructured, or N:M such as 2:4"),
     scope: str | None = typer.Option(
         None, help="unstructured comparison group: row or layer [default: the method's own]"
@@ -212,8 +217,6 @@ def prune(
         check_output_dir(out, overwrite)
     _check_json_path(json_path)
     _set_threads(threads)
-    if sparsity is None and pattern == "unstructured":
-        sparsity = 0.5
     plan = api.plan_prune(
         method,
         sparsity,
@@ -255,6 +258,8 @@ def prune(
         f"{method} on {model}: {_outcome(record)}, {record.wall_time_s:.1f} s, "
         f"peak RSS {record.peak_rss_mb:.0f} MiB"
     )
+    if record.outcome:
+        typer.echo(f"  {record.outcome}")
     if tasks:
         _print_results(dense, record.evaluation["pruned"])
     if out is not None:
@@ -330,6 +335,8 @@ def bench(
     sweep = load_config(config)
     if threads is not None:
         sweep.execution.threads = threads
+    for line in sweep.impossible:
+        typer.echo(f"not a cell (skipped): {line}")
     runner = None if dry_run else make_executor(executor, ray_address, ray_cpus)
     with ResultStore(db) as store:
         if dry_run:
@@ -389,6 +396,7 @@ def methods() -> None:
     for name in sorted(REGISTRY):
         cls = REGISTRY[name]
         typer.echo(f"{name:<18}[{cls.kind}] {cls.summary}")
+        typer.echo(f"{'':<20}--sparsity: {cls.sparsity_meaning}")
         for field in dataclasses.fields(cls.Config):
             typer.echo(f"{'':<20}--opt {field.name}={field.default!r}")
     typer.echo("\nweight updates (--update NAME, after any unstructured/N:M method):")

@@ -56,6 +56,31 @@ def test_grid_expands_with_shared_dense_baseline():
     assert other.key == cells[0].key
 
 
+def test_impossible_combinations_are_skipped_with_their_reason():
+    raw = _config(
+        methods=["wanda", "shortgpt"],
+        patterns=["unstructured", "2:4"],
+        allocations=["uniform", "owl"],
+    )
+    sweep = parse_config(raw)
+    labels = {(c.method, c.pattern, c.allocation) for c in sweep.cells if c.method != DENSE}
+    # wanda: unstructured x {uniform, owl} and 2:4 x uniform; shortgpt: unstructured only
+    assert labels == {
+        ("wanda", "unstructured", "uniform"),
+        ("wanda", "unstructured", "owl"),
+        ("wanda", "2:4", "uniform"),
+        ("shortgpt", "unstructured", "uniform"),
+    }
+    assert any(
+        line.startswith("wanda x 2:4 x owl: a non-uniform allocation") for line in sweep.impossible
+    )
+    assert any(
+        line.startswith("shortgpt x 2:4 x uniform: depth methods") for line in sweep.impossible
+    )
+    with pytest.raises(PrunekitError, match="no combination of the grid can run"):
+        parse_config(_config(methods=["shortgpt"], patterns=["2:4"]))
+
+
 CHANGES = [
     ("models", ["stories260k-copy"]),
     ("methods", ["magnitude"]),

@@ -227,10 +227,23 @@ def test_removal_follows_the_scores(stories, calib):
     assert math.exp(loss) == pytest.approx(sleb["greedy_steps"][-1]["calib_ppl"], rel=1e-4)
 
 
-def test_blocks_option_overrides_sparsity(stories, calib):
-    details = _prune(stories, "shortgpt", {"blocks": 1}, calib, sparsity=0.5)
-    assert len(details["removed_blocks"]) == 1
+def test_blocks_option_sets_the_recorded_sparsity(stories):
+    """`blocks=K` removes K blocks and the record says K / depth, never a default ratio;
+    giving a sparsity as well is refused before anything loads."""
+    record = prunekit.prune(
+        stories, "shortgpt", options={"blocks": 1}, calib="tinyshakespeare", nsamples=2, seqlen=32
+    )
+    assert len(record.details["removed_blocks"]) == 1
     assert stories.adapter.num_layers == 4
+    assert record.request["sparsity"] == pytest.approx(1 / 5)
+    assert record.outcome.startswith("removed 1 of 5 blocks (20.0% of the depth)")
+    with pytest.raises(prunekit.PrunekitError, match="not both"):
+        prunekit.api.plan_prune("shortgpt", 0.2, options={"blocks": 2})
+
+
+def test_depth_methods_refuse_a_non_uniform_allocation():
+    with pytest.raises(prunekit.PrunekitError, match="depth methods remove whole blocks"):
+        prunekit.api.plan_prune("shortgpt", 0.2, allocation="owl")
 
 
 @pytest.mark.parametrize("criterion", ["ppl", "taylor"])

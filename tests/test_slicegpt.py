@@ -162,11 +162,9 @@ def test_families_without_rotation_invariance_are_rejected(family):
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
 
 
-def test_non_uniform_allocation_is_rejected(stories):
+def test_non_uniform_allocation_is_rejected():
     with pytest.raises(prunekit.PrunekitError, match="one width"):
-        get_method("slicegpt")().run(
-            stories, None, PruneRequest(sparsity=0.2, layer_sparsity=[0.2] * 5)
-        )
+        prunekit.api.plan_prune("slicegpt", 0.2, allocation="owl")
 
 
 @pytest.mark.parametrize("family", ["qwen2", "gemma", "phi3"])
@@ -193,3 +191,15 @@ def test_sliced_model_generates_with_a_kv_cache(stories):
         logits = _logits(stories.model, uncached)
         uncached = torch.cat([uncached, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
     assert torch.equal(cached, uncached)
+
+
+def test_the_outcome_line_explains_what_the_sparsity_became(stories):
+    """`--sparsity` is SliceGPT's slicing ratio of the hidden width; the one-line outcome
+    names the width, the rounding and the decoder-parameter share actually removed."""
+    record = prunekit.prune(
+        stories, "slicegpt", 0.2, calib="tinyshakespeare", nsamples=2, seqlen=32
+    )
+    details = record.details
+    assert details["sliced_hidden_size"] == 48  # 64 x 0.8 = 51.2, rounded down to 8s
+    assert record.outcome.startswith("hidden width 64 -> 48 (slicing ratio 0.250, rounded")
+    assert f"({details['decoder_share_removed']:.1%} removed" in record.outcome

@@ -120,6 +120,8 @@ class SweepConfig:
 
     cells: list[Cell]
     execution: Execution
+    # combinations of the grid that cannot run, each "method x pattern x allocation: why"
+    impossible: list[str] = field(default_factory=list)
 
 
 def _fail(where: str, message: str) -> PrunekitError:
@@ -292,6 +294,7 @@ def parse_config(raw: Any, version: str | None = None) -> SweepConfig:
 
     common = {"evaluation": evaluation, "seed": seed, "version": version}
     cells: list[Cell] = []
+    impossible: list[str] = []
     for model in models:
         if dense:
             cells.append(Cell(model=model, method=DENSE, evaluation=evaluation, version=version))
@@ -299,6 +302,10 @@ def parse_config(raw: Any, version: str | None = None) -> SweepConfig:
             method_cls = get_method(name)
             uses_data = needs_calibration(method_cls, ALLOCATIONS.lookup(allocation))
             nm = Pattern.parse(pattern)
+            reason = _impossible(method_cls, nm, allocation)
+            if reason:
+                impossible.append(f"{name} x {pattern} x {allocation}: {reason}")
+                continue
             for sparsity in [nm.sparsity] if nm.is_nm else sparsities:
                 cell = Cell(
                     model=model,
@@ -313,7 +320,22 @@ def parse_config(raw: Any, version: str | None = None) -> SweepConfig:
                     **common,
                 )
                 cells.append(cell)
-    return SweepConfig(cells=cells, execution=_execution(raw))
+    if not any(cell.method != DENSE for cell in cells):
+        raise _fail("methods", "no combination of the grid can run: " + "; ".join(impossible))
+    return SweepConfig(
+        cells=cells, execution=_execution(raw), impossible=list(dict.fromkeys(impossible))
+    )
+
+
+def _impossible(method_cls: type, pattern: Pattern, allocation: str) -> str | None:
+    """Why this method x pattern x allocation cannot run, or None when it can."""
+    if pattern.is_nm and not method_cls.supports_nm:
+        return f"{method_cls.kind} methods do not make N:M patterns"
+    if method_cls.no_allocation and ALLOCATIONS.lookup(allocation).name != "uniform":
+        return method_cls.no_allocation
+    if pattern.is_nm and ALLOCATIONS.lookup(allocation).name != "uniform":
+        return "a non-uniform allocation needs the unstructured pattern (N:M fixes each block)"
+    return None
 
 
 def load_config(path: str | Path) -> SweepConfig:

@@ -71,6 +71,7 @@ class PruneRecord:
     wall_time_s: float
     peak_rss_mb: float
     details: dict[str, Any] = field(default_factory=dict)
+    outcome: str | None = None  # what --sparsity became, in one line (Method.outcome)
     update: dict[str, Any] | None = None  # weight update after the mask: {name, config}
     evaluation: dict[str, Any] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=versions)

@@ -63,6 +63,10 @@ class Method:
     # output row keeps the same share) or "layer" (one threshold per matrix), as the
     # method's reference implementation does
     default_scope: ClassVar[str] = "row"
+    # why a non-uniform `--allocation` does not apply to this method (None: it does)
+    no_allocation: ClassVar[str | None] = None
+    # what `--sparsity` means for this method (shown by `prunekit methods` and --help)
+    sparsity_meaning: ClassVar[str] = "share of weights zeroed in every pruned linear"
 
     def __init__(self, config: MethodConfig | None = None):
         self.config = config if config is not None else self.Config()
@@ -70,6 +74,17 @@ class Method:
     def run(self, lm: LoadedModel, calib: torch.Tensor | None, request: PruneRequest) -> dict:
         """Prune `lm` with calibration windows `calib` [n, L]; return extra facts to record."""
         raise NotImplementedError
+
+    def outcome(self, details: dict) -> str | None:
+        """One line saying what `--sparsity` became in this run (from `run`'s facts), or
+        None when the achieved sparsity says it all."""
+        if "decoder_share_removed" not in details:
+            return None
+        return (
+            f"decoder-block parameters {details['decoder_parameters_before']:,} -> "
+            f"{details['decoder_parameters_after']:,} ({details['decoder_share_removed']:.1%} "
+            "removed; embeddings and head are not counted)"
+        )
 
 
 REGISTRY: Registry[type[Method]] = Registry("method")

@@ -26,7 +26,8 @@ from prunekit.surgery.masks import prune_count
 
 @dataclass
 class DepthConfig(MethodConfig):
-    """`blocks`: remove exactly this many blocks (overrides `sparsity` when > 0)."""
+    """`blocks`: remove exactly this many blocks (instead of `sparsity`; giving both is an
+    error, and the record's sparsity becomes blocks / depth)."""
 
     blocks: int = 0
 
@@ -158,6 +159,8 @@ class DepthMethod(Method):
 
     kind: ClassVar[str] = "depth"
     supports_nm: ClassVar[bool] = False
+    sparsity_meaning: ClassVar[str] = "share of decoder blocks removed (round(s x depth))"
+    no_allocation: ClassVar[str | None] = "depth methods remove whole blocks"
     Config: ClassVar[type[MethodConfig]] = DepthConfig
 
     def choose(
@@ -171,6 +174,8 @@ class DepthMethod(Method):
             raise PrunekitError(f"method {self.name!r} needs calibration windows")
         num_blocks = lm.adapter.num_layers
         k = blocks_to_remove(request.sparsity, self.config.blocks, num_blocks)
+        if self.config.blocks:
+            request.sparsity = k / num_blocks
         choice = self.choose(lm, calib, request, k) if k else DepthChoice([], [], "none")
         kept = remove_blocks(lm.adapter, choice.removed)
         return {
@@ -184,6 +189,13 @@ class DepthMethod(Method):
             "score_meaning": choice.score_meaning,
             **choice.extra,
         }
+
+    def outcome(self, details: dict) -> str:
+        before, after = details["num_blocks_before"], details["num_blocks_after"]
+        return (
+            f"removed {before - after} of {before} blocks "
+            f"({(before - after) / before:.1%} of the depth): {details['removed_blocks']}"
+        )
 
 
 def progress(iterable, desc: str, total: int | None = None):

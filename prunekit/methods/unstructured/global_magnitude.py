@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 
-from prunekit.errors import PrunekitError
 from prunekit.methods.base import Method, PruneRequest, register
 from prunekit.models.adapter import weight_matrix
 from prunekit.models.loading import LoadedModel
@@ -17,13 +16,10 @@ class GlobalMagnitude(Method):
     summary = "keep the largest |W| of the whole model (one threshold); no calibration data"
     needs_calibration = False
     supports_nm = False
+    no_allocation = "global_magnitude sets its own per-layer sparsity"
 
     @torch.no_grad()
     def run(self, lm: LoadedModel, calib: torch.Tensor | None, request: PruneRequest) -> dict:
-        if request.layer_sparsity is not None:
-            raise PrunekitError(
-                "global_magnitude sets its own per-layer sparsity; use allocation uniform"
-            )
         weights = {
             f"{i}.{path}": weight_matrix(module)
             for i, block in enumerate(lm.adapter.blocks)

@@ -123,6 +123,7 @@ class StructuredMethod(Method):
 
     kind = "structured"
     supports_nm = False
+    sparsity_meaning: ClassVar[str] = "share of decoder-block parameters removed"
     Config: ClassVar[type[MethodConfig]] = StructuredConfig
     needs: ClassVar[tuple[str, ...]] = ()  # statistics gathered per block
     needs_roles: ClassVar[tuple[str, ...] | None] = None  # linears they are gathered on

@@ -224,12 +224,12 @@ class Bonsai(Method):
     summary = "forward passes of random sub-models, regression of loss on kept structures"
     kind = "structured"
     supports_nm = False
+    sparsity_meaning = "share of decoder-block parameters removed"
+    no_allocation = "bonsai chooses where to prune itself"
     Config = BonsaiConfig
 
     def run(self, lm: LoadedModel, calib: torch.Tensor | None, request: PruneRequest) -> dict:
         config, adapter, model = self.config, lm.adapter, lm.model
-        if request.layer_sparsity is not None:
-            raise PrunekitError("bonsai chooses where to prune itself; use --allocation uniform")
         before = decoder_parameters(adapter)
         target = request.sparsity * before
         units = build_units(adapter, config.channel_group)

@@ -126,7 +126,20 @@ class SliceGPT(Method):
     summary = "PCA-rotate the residual stream, delete its smallest directions (hidden width)"
     kind = "structured"
     supports_nm = False
+    sparsity_meaning = (
+        "slicing ratio: share of the hidden width deleted (budget=params: of decoder-block "
+        "parameters)"
+    )
+    no_allocation = "slicegpt gives every block one width"
     Config = SliceGPTConfig
+
+    def outcome(self, details: dict) -> str:
+        hidden, width = details["hidden_size"], details["sliced_hidden_size"]
+        return (
+            f"hidden width {hidden} -> {width} (slicing ratio {details['slicing_ratio']:.3f}, "
+            f"rounded to round_to={self.config.round_to}); {super().outcome(details)}, "
+            "shortcut matrices included"
+        )
 
     def run(self, lm: LoadedModel, calib: torch.Tensor | None, request: PruneRequest) -> dict:
         adapter = lm.adapter
@@ -134,8 +147,6 @@ class SliceGPT(Method):
         sliced_class = f"Sliced{type(adapter.model).__name__}"
         if not hasattr(sliced_modeling, sliced_class):
             raise PrunekitError(f"slicegpt has no sliced model class for {adapter.model_type}")
-        if request.layer_sparsity is not None:
-            raise PrunekitError("slicegpt gives every block one width; use --allocation uniform")
         hidden, round_to = adapter.hidden_size, self.config.round_to
         if self.config.budget == "width":
             width = sliced_width(hidden, request.sparsity, round_to)
