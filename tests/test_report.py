@@ -176,6 +176,75 @@ def test_report_of_an_empty_store_is_one_line(tmp_path, monkeypatch, capsys):
     assert capsys.readouterr().err.strip() == f"error: results store not found: {tmp_path / 'x'}"
 
 
+# --- figures: series styles and chance-corrected retention -------------------------
+
+GRID = {
+    **RAW,
+    "patterns": ["unstructured", "2:4"],
+    "allocations": ["uniform", "owl"],
+}
+
+
+def _group(tmp_path, raw, outcome):
+    """The one report group of a store filled with `outcome(cell)` for every cell."""
+    from prunekit.bench.results import group_rows
+
+    with ResultStore(tmp_path / "g.sqlite") as store:
+        for cell in parse_config(raw).cells:
+            store.put(cell, outcome(cell))
+        (group,) = group_rows(store.rows())
+    return group
+
+
+def test_series_styles_colour_the_method_and_mark_the_variant(tmp_path):
+    from prunekit.bench.plots import series_styles
+
+    group = _group(tmp_path, GRID, lambda cell: _outcome(cell.method, cell.sparsity))
+    styles = series_styles(group)
+    assert set(styles) == {
+        "magnitude",
+        "magnitude [owl]",
+        "magnitude 2:4",
+        "wanda",
+        "wanda [owl]",
+        "wanda 2:4",
+    }
+    for method in ("magnitude", "wanda"):
+        family = [styles[n] for n in styles if n.split()[0] == method]
+        assert len({s.color for s in family}) == 1  # one colour per method
+    assert styles["magnitude"].color != styles["wanda"].color
+    assert styles["wanda 2:4"].is_nm and styles["wanda 2:4"].linestyle == "none"
+    uniform, owl = styles["wanda"], styles["wanda [owl]"]
+    assert not uniform.is_nm and (uniform.marker, uniform.linestyle) != (owl.marker, owl.linestyle)
+    assert styles["magnitude [owl]"].marker == owl.marker  # the variant, not the method
+
+
+def test_retention_is_chance_corrected_and_chance_level_tasks_are_left_out(tmp_path):
+    """piqa: dense 0.70 over chance 0.50, pruned 0.60 keeps (0.60 - 0.50) / (0.70 - 0.50)
+    = 50% of the skill; arc_easy: 4-way, dense 0.20 on 20 items is below chance 0.25."""
+    accuracies = {DENSE: {"piqa": 0.70, "arc_easy": 0.20}, "wanda": {"piqa": 0.60, "arc_easy": 0.5}}
+    chance = {"piqa": 0.5, "arc_easy": 0.25}
+
+    def outcome(cell):
+        result = _outcome(cell.method, cell.sparsity)
+        for task, acc in accuracies[cell.method].items():
+            result["result"]["metrics"][task].update(acc=acc, chance=chance[task], n=20)
+        return result
+
+    raw = {**RAW, "methods": ["wanda"], "sparsities": [0.5]}
+    group = _group(tmp_path, raw, outcome)
+    (row,) = group.pruned
+    groups = group.task_groups()
+    piqa_group = next(name for name, tasks in groups.items() if "piqa" in tasks)
+    arc_group = next(name for name, tasks in groups.items() if "arc_easy" in tasks)
+    assert group.chance_floor("arc_easy") == (0.25, True)
+    assert group.chance_floor("piqa") == (0.5, False)  # 0.70 > 0.50 + sqrt(.25 / 20)
+    assert group.corrected_retained(row, piqa_group) == pytest.approx(0.5)
+    assert group.above_chance(arc_group) == ([], ["arc_easy"])
+    assert group.corrected_retained(row, arc_group) is None  # no curve from a guessing baseline
+    assert group.retained(row, piqa_group) == pytest.approx(0.60 / 0.70)  # LLM-Kick's own ratio
+
+
 # --- the HTML in a real browser -----------------------------------------------------
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -187,6 +256,11 @@ window.addEventListener("load", () => {
     images: [...document.images].map((img) => [img.complete, img.naturalWidth, img.naturalHeight]),
     rows: [...document.querySelectorAll("#cells tr.cell")].map((tr) => tr.dataset.key),
     firstMethod: document.querySelector("#cells tr.cell td").textContent,
+    pageWidth: document.documentElement.scrollWidth,
+    viewport: document.documentElement.clientWidth,
+    plotWidths: [...document.images].map((img) => img.getBoundingClientRect().width),
+    tableScrolls: getComputedStyle(document.querySelector("#cells").parentElement).overflowX,
+    keyPinned: getComputedStyle(document.querySelector("#cells td")).position,
   });
   document.body.appendChild(out);
 });
@@ -211,6 +285,7 @@ def test_html_renders_in_headless_chromium(store_path, tmp_path):
             "--no-first-run",
             f"--user-data-dir={tmp_path / 'profile'}",
             "--virtual-time-budget=5000",
+            "--window-size=900,700",
             "--dump-dom",
             probe.as_uri(),
         ],
@@ -227,3 +302,8 @@ def test_html_renders_in_headless_chromium(store_path, tmp_path):
     )
     assert sorted(check["rows"]) == sorted(keys) and check["rows"][0] == keys[0]
     assert check["firstMethod"] == "dense"
+    # at 900 px the page does not scroll sideways: plots shrink to the page, the cells
+    # table scrolls inside its own box with the key column pinned
+    assert check["pageWidth"] <= check["viewport"]
+    assert all(0 < width <= check["viewport"] for width in check["plotWidths"])
+    assert check["tableScrolls"] == "auto" and check["keyPinned"] == "sticky"

@@ -46,7 +46,8 @@ class Table:
             body.append(f"<tr{row_class}{key}>{tds}</tr>")
         table_id = f' id="{self.html_id}"' if self.html_id else ""
         return (
-            f"<table{table_id}><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+            f'<div class="scroll"><table{table_id}><thead><tr>{head}</tr></thead>'
+            f"<tbody>{''.join(body)}</tbody></table></div>"
         )
 
 
@@ -254,13 +255,15 @@ def render_markdown(title: str, source: str, sections: list[Section], absent: li
 
 
 STYLE = """
-body { font-family: sans-serif; margin: 2em; max-width: 1400px; }
-table { border-collapse: collapse; margin: 1em 0; font-size: 13px; }
+body { font-family: sans-serif; margin: 2em; max-width: 1100px; }
+.scroll { overflow-x: auto; max-width: 100%; margin: 1em 0; }
+table { border-collapse: collapse; font-size: 13px; }
 th, td { border: 1px solid #bbb; padding: 3px 6px; text-align: right; }
-th { background: #eee; }
-td:first-child, th:first-child { text-align: left; }
+th { background: #eee; white-space: normal; }
+td:first-child, th:first-child { text-align: left; position: sticky; left: 0;
+  background: #fafafa; white-space: nowrap; }
 figure { margin: 1em 0; }
-img.plot { max-width: 100%; }
+img.plot { width: 100%; height: auto; }
 """
 
 

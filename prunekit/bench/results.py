@@ -86,6 +86,36 @@ class Group:
         found = self.kick(row).get("groups", {}).get(group)
         return None if found is None or math.isnan(found["retained"]) else found["retained"]
 
+    def chance_floor(self, task: str) -> tuple[float, bool]:
+        """(chance accuracy of `task`, whether the dense model is at or below it).
+
+        "At chance": dense accuracy within one standard error of guessing,
+        sqrt(c (1 - c) / n) for chance c on n items (20 items of 4-way ARC at 15% is).
+        Results stored without `chance` count it as 0."""
+        result = self.dense.metrics[task]
+        chance = float(result.get("chance", 0.0))
+        margin = math.sqrt(chance * (1 - chance) / max(int(result.get("n", 1)), 1))
+        return chance, accuracy(result) <= chance + margin
+
+    def above_chance(self, group: str) -> tuple[list[str], list[str]]:
+        """The group's tasks split into (dense above chance, dense at or below chance)."""
+        tasks = self.task_groups().get(group, [])
+        low = [t for t in tasks if self.chance_floor(t)[1]]
+        return [t for t in tasks if t not in low], low
+
+    def corrected_retained(self, row: Row, group: str) -> float | None:
+        """Chance-corrected retention, mean over the group's tasks whose dense accuracy is
+        above chance: (pruned - chance) / (dense - chance); 1 = dense, 0 = guessing."""
+        tasks, _ = self.above_chance(group)
+        values = []
+        for task in tasks:
+            if task not in row.metrics:
+                continue
+            chance, _ = self.chance_floor(task)
+            dense = accuracy(self.dense.metrics[task])
+            values.append((accuracy(row.metrics[task]) - chance) / (dense - chance))
+        return sum(values) / len(values) if values else None
+
     def ppl_curve(self, rows: list[Row], task: str) -> tuple[list[float], list[float]]:
         """(sparsities, log(ppl / dense ppl)) with the dense point (0, 0) first."""
         xs, ys = [0.0], [0.0]
@@ -96,11 +126,14 @@ class Group:
                 ys.append(math.log(ratio))
         return xs, ys
 
-    def retained_curve(self, rows: list[Row], group: str) -> tuple[list[float], list[float]]:
-        """(sparsities, retained accuracy of `group`) with the dense point (0, 1) first."""
+    def retained_curve(
+        self, rows: list[Row], group: str, corrected: bool = False
+    ) -> tuple[list[float], list[float]]:
+        """(sparsities, retained accuracy of `group`, chance-corrected when asked) with
+        the dense point (0, 1) first."""
         xs, ys = [0.0], [1.0]
         for row in rows:
-            value = self.retained(row, group)
+            value = self.corrected_retained(row, group) if corrected else self.retained(row, group)
             if value is not None:
                 xs.append(row.cell.sparsity)
                 ys.append(value)

@@ -38,7 +38,8 @@ def _argmax(values: Sequence[float]) -> int:
 
 
 def multiple_choice_metrics(items: Sequence[Item], scores: Sequence[Score]) -> dict[str, float]:
-    """`acc`, `acc_norm` (by byte length) and their standard errors; `scores` flat, item order."""
+    """`acc`, `acc_norm` (by byte length), their standard errors and `chance` (the accuracy
+    of guessing: mean over items of 1 / choices); `scores` flat, in item order."""
     correct, correct_norm, cursor = [], [], 0
     for item in items:
         lls = [s.logprob for s in scores[cursor : cursor + len(item.requests)]]
@@ -52,17 +53,20 @@ def multiple_choice_metrics(items: Sequence[Item], scores: Sequence[Score]) -> d
         "acc_stderr": _stderr(correct),
         "acc_norm": sum(correct_norm) / len(correct_norm),
         "acc_norm_stderr": _stderr(correct_norm),
+        "chance": sum(1 / len(item.choices) for item in items) / len(items),
     }
 
 
 def lambada_metrics(scores: Sequence[Score]) -> dict[str, float]:
-    """Last-word `acc` (all tokens greedy) and `perplexity` = exp(-mean log-likelihood)."""
+    """Last-word `acc` (all tokens greedy), `perplexity` = exp(-mean log-likelihood) and
+    `chance` 0 (an open-vocabulary word is not guessed)."""
     correct = [float(s.greedy) for s in scores]
     mean_ll = sum(s.logprob for s in scores) / len(scores)
     return {
         "acc": sum(correct) / len(correct),
         "acc_stderr": _stderr(correct),
         "perplexity": math.exp(-mean_ll),
+        "chance": 0.0,
     }
 
 
