@@ -38,13 +38,15 @@ def one_run(args: argparse.Namespace) -> dict:
     buffer does not count in the pruning's peak RSS.
     """
     import torch
+    import transformers.models.llama.modeling_llama  # noqa: F401  (the model's code)
 
     import prunekit
+    import prunekit.api  # noqa: F401  (the package root imports lazily)
     from prunekit.data import calibration_windows, load_text
     from prunekit.export.record import count_parameters, peak_rss_mb
 
     torch.set_num_threads(args.threads)
-    import_rss = peak_rss_mb()  # the interpreter, torch and transformers: no model yet
+    import_rss = peak_rss_mb()  # the interpreter, torch, transformers, prunekit: no model yet
     lm = prunekit.load_model(args.model)
     params = count_parameters(lm.model)
     result = {
