@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -329,15 +332,17 @@ def bench(
 ) -> None:
     """Run the grid of CONFIG; cells already in the store are not run again."""
     from prunekit.bench import ResultStore, load_config, make_executor, run_sweep
+    from prunekit.bench.sweep import check_cells
 
     if threads is not None and threads < 1:
         raise PrunekitError(f"--threads must be at least 1, got {threads}")
+    runner = None if dry_run else make_executor(executor, ray_address, ray_cpus)
     sweep = load_config(config)
     if threads is not None:
         sweep.execution.threads = threads
     for line in sweep.impossible:
         typer.echo(f"not a cell (skipped): {line}")
-    runner = None if dry_run else make_executor(executor, ray_address, ray_cpus)
+    check_cells(sweep)
     with ResultStore(db) as store:
         if dry_run:
             done = store.done_keys()
@@ -423,36 +428,45 @@ def _is_click_error(err: BaseException) -> bool:
     return hasattr(err, "exit_code") and hasattr(err, "format_message")
 
 
-def _caused_by_interrupt(err: BaseException) -> bool:
-    """True when Ctrl-C lies under `err` (transformers' lazy imports re-raise it as an
-    import error)."""
-    seen = set()
-    while err is not None and id(err) not in seen:
-        if isinstance(err, KeyboardInterrupt):
-            return True
-        seen.add(id(err))
-        err = err.__cause__ or err.__context__
-    return False
+_interrupted = False  # set by the SIGINT handler: Ctrl-C arrived during this run
+
+
+def _on_sigint(signum: int, frame: object) -> None:
+    """Remember the interrupt, then raise it as Python does. Libraries may turn it into
+    another error on its way up (transformers' lazy imports raise an import error)."""
+    global _interrupted
+    _interrupted = True
+    raise KeyboardInterrupt
+
+
+def _exit_interrupted(message: str) -> None:
+    """Say `message` and exit 130 at once. Everything to clean up (temporary folders,
+    locks, the store) was released while the interrupt unwound; exiting through the
+    interpreter's shutdown could still end the process by the signal itself when the
+    interrupt arrived inside an import."""
+    typer.echo(message, err=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(130)
 
 
 def main() -> None:
     """Entry point: user errors become one line on stderr and exit code 2; Ctrl-C says
     what was kept and exits 130."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, _on_sigint)
     try:
         code = app(standalone_mode=False)
     except PrunekitError as err:
         typer.echo(f"error: {err}", err=True)
         sys.exit(2)
     except Interrupted as err:
-        typer.echo(str(err), err=True)
-        sys.exit(130)
+        _exit_interrupted(str(err))
     except (typer.Abort, KeyboardInterrupt):
-        typer.echo("interrupted; nothing written", err=True)
-        sys.exit(130)
+        _exit_interrupted("interrupted; nothing written")
     except Exception as err:
-        if _caused_by_interrupt(err):
-            typer.echo("interrupted; nothing written", err=True)
-            sys.exit(130)
+        if _interrupted:
+            _exit_interrupted("interrupted; nothing written")
         if type(err).__name__ == "NoArgsIsHelpError":
             typer.echo(err.ctx.get_help())
             sys.exit(0)
@@ -461,8 +475,8 @@ def main() -> None:
             typer.echo(f"error: {message}", err=True)
             sys.exit(2)
         raise
-    if code == 130:
-        typer.echo("interrupted; nothing written", err=True)
+    if code == 130 or _interrupted:
+        _exit_interrupted("interrupted; nothing written")
     if isinstance(code, int) and code:
         sys.exit(code)
 

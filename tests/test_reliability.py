@@ -15,10 +15,12 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import pytest
+import yaml
 from helpers import ROOT
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -43,7 +45,38 @@ def _bad_files(tmp: Path) -> dict[str, Path]:
     foreign.close()
     yaml_bin = tmp / "sweep.yaml"
     yaml_bin.write_bytes(b"\xff\xfe\x00models: [x]")
-    return {"binary": binary, "yaml_bin": yaml_bin}
+    files = {"binary": binary, "yaml_bin": yaml_bin}
+    for name, text in SWEEPS.items():
+        files[name] = tmp / f"{name}.yaml"
+        files[name].write_text(text)
+    for name, text in ALLOCATION_FILES.items():
+        files[name] = tmp / f"{name}.json"
+        files[name].write_text(text)
+    return files
+
+
+SWEEP = "models: [stories260k]\nsparsities: [0.5]\n"
+SWEEPS = {  # bench configs that must fail before any cell runs or any store is created
+    "sweep_context": SWEEP
+    + "methods: [wanda]\nevaluation: {tasks: [tinyshakespeare], seqlen: 4096}",
+    "sweep_calib_context": SWEEP + "methods: [wanda]\ncalibration: {dataset: tinyshakespeare, "
+    "nsamples: 2, seqlen: 4096}\nevaluation: {tasks: [tinyshakespeare], seqlen: 128}",
+    "sweep_model": "models: [/nonexistent/model]\nmethods: [wanda]\nsparsities: [0.5]",
+    "sweep_nothing": SWEEP + "methods: [shortgpt]\npatterns: ['2:4']",
+    "sweep_option": SWEEP + "methods: [{name: sparsegpt, options: {blocksize: 1.5}}]",
+    "sweep_method": SWEEP + "methods: [nosuch]",
+    "sweep_key": SWEEP + "methods: [wanda]\nmodles: [x]",
+    "sweep_list": "- models\n- methods",
+    "sweep_yaml": "models: [stories260k\nmethods: [wanda]",
+    "sweep_sparsity": "models: [stories260k]\nmethods: [wanda]\nsparsities: [1.5]",
+    "sweep_tag": SWEEP + "methods: !!python/object/apply:os.system ['echo hi']",
+}
+ALLOCATION_FILES = {
+    "alloc_list": "[0.5, 0.5]",
+    "alloc_short": '{"0": 0.5}',
+    "alloc_range": '{"0": 1.5, "1": 0.5, "2": 0.5, "3": 0.5, "4": 0.5}',
+    "alloc_text": "not json",
+}
 
 
 CLI_CASES: list[tuple[list[str], str]] = [
@@ -146,6 +179,50 @@ CLI_CASES: list[tuple[list[str], str]] = [
     (["report", "--db", "{tmp}/empty.sqlite", "--out", "r"], "is not a prunekit results store"),
     (["report", "--db", "{tmp}/foreign.sqlite", "--out", "r"], "no cells table"),
     (["report", "--db", "{tmp}/foreign.sqlite", "--out", "{tmp}/afile"], "is a file"),
+    # sparsity semantics and combinations that cannot apply
+    ([*PRUNE, "--method", "shortgpt", "--opt", "blocks=2", "--sparsity", "0.2"], "not both"),
+    ([*PRUNE, "--method", "shortgpt", "--opt", "blocks=-1"], "blocks must be >= 0"),
+    ([*PRUNE, "--method", "shortgpt", "--opt", "blocks=5"], "removing 5 of 5 blocks"),
+    ([*PRUNE, "--method", "shortgpt", "--allocation", "owl"], "depth methods remove whole"),
+    ([*PRUNE, "--method", "slicegpt", "--allocation", "owl"], "one width"),
+    ([*PRUNE, "--method", "bonsai", "--allocation", "owl"], "chooses where to prune"),
+    ([*PRUNE, "--method", "global_magnitude", "--allocation", "owl"], "its own per-layer"),
+    ([*PRUNE, "--method", "flap", "--pattern", "2:4"], "does not support N:M"),
+    ([*PRUNE, "--method", "sleb", "--pattern", "2:4"], "does not support N:M"),
+    ([*PRUNE, "--method", "flap", "--sparsity", "0.99"], "flap can remove at most 92.5%"),
+    ([*PRUNE, "--method", "wanda_sp", "--sparsity", "0.95"], "can remove at most 92.5%"),
+    ([*PRUNE, "--method", "magnitude_sp", "--sparsity", "0.99"], "can remove at most"),
+    ([*PRUNE, "--method", "llm_pruner", "--sparsity", "0.9"], "protected block(s) stay"),
+    ([*PRUNE, "--method", "slicegpt", "--sparsity", "0.9"], "keeps at least round_to=8"),
+    (
+        [*PRUNE, "--method", "slicegpt", "--opt", "budget=parameters", "--sparsity", "0.9"],
+        "slicegpt can remove at most",
+    ),
+    ([*PRUNE, "--method", "bonsai", "--sparsity", "0.95"], "bonsai can remove at most"),
+    ([*PRUNE, "--method", "llm_pruner", "--opt", "protect_first=-2"], "must be >= 0"),
+    ([*PRUNE, "--method", "llm_pruner", "--opt", "importance=x"], "unknown importance 'x'"),
+    ([*PRUNE, "--method", "angular", "--opt", "tokens=x"], "unknown tokens mode 'x'"),
+    ([*PRUNE, "--method", "owl"], "unknown method 'owl'"),
+    ([*PRUNE, "--allocation", "file:{alloc_list}"], "allocation file"),
+    ([*PRUNE, "--allocation", "file:{alloc_short}"], "allocation file"),
+    ([*PRUNE, "--allocation", "file:{alloc_range}"], "allocation file"),
+    ([*PRUNE, "--allocation", "file:{alloc_text}"], "allocation file"),
+    ([*PRUNE, "--threads", "0"], "--threads must be at least 1"),
+    (["eval", "stories260k", "--threads", "-1"], "--threads must be at least 1"),
+    (["bench", "{sweep_method}", "--threads", "0"], "--threads must be at least 1"),
+    # sweeps: checked whole before the first cell runs or the store is created
+    (["bench", "{sweep_context}"], "evaluation.seqlen: 4096 exceeds the context"),
+    (["bench", "{sweep_calib_context}"], "calibration.seqlen: 4096 exceeds the context"),
+    (["bench", "{sweep_model}"], "unknown model '/nonexistent/model'"),
+    (["bench", "{sweep_nothing}"], "no combination of the grid can run"),
+    (["bench", "{sweep_option}", "--dry-run"], "'blocksize' needs a int"),
+    (["bench", "{sweep_method}"], "unknown method 'nosuch'"),
+    (["bench", "{sweep_key}"], "modles"),
+    (["bench", "{sweep_list}"], "sweep config"),
+    (["bench", "{sweep_yaml}"], "is not valid YAML"),
+    (["bench", "{sweep_sparsity}"], "sparsities[0]"),
+    (["bench", "{sweep_tag}"], "is not valid YAML"),
+    (["bench", "{sweep_method}", "--executor", "slurm"], "unknown executor 'slurm'"),
 ]
 
 
@@ -285,7 +362,7 @@ SLOW_PRUNE = [
 ]  # fmt: skip
 
 
-@pytest.mark.parametrize("delay", [0.5, 3.0, 6.0])
+@pytest.mark.parametrize("delay", [0.3, 0.4, 0.5, 3.0, 6.0])
 def test_sigint_exits_130_with_one_line_and_no_folder(tmp_path, delay):
     """During imports, loading, pruning or evaluation: one line, exit 130, nothing left."""
     proc = _prunekit(SLOW_PRUNE, tmp_path)
@@ -315,6 +392,90 @@ def test_stale_temporaries_of_a_killed_save_are_removed_by_the_next(tmp_path):
     prunekit.save(lm, tmp_path / "out", prunekit.prune(lm, "magnitude", 0.5))
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names == sorted(["out", alive.name])
+
+
+KILL_SWEEP = {
+    "models": ["stories260k"],
+    "methods": ["magnitude", "wanda"],
+    "sparsities": [0.3, 0.6],
+    "calibration": {"dataset": "tinyshakespeare", "nsamples": 2, "seqlen": 32},
+    "evaluation": {"tasks": ["tinyshakespeare"], "seqlen": 64, "limit": 300},  # ~5 s a cell
+    "execution": {"threads": 1, "batch_size": 2},
+}
+
+
+def _children(pid: int) -> list[int]:
+    """PIDs whose parent is `pid` (Linux /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def _metrics(db: Path) -> dict[str, dict]:
+    from prunekit.bench import ResultStore
+
+    with ResultStore(db, read_only=True) as store:
+        return {row.key: row.metrics for row in store.rows()}
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
+def test_sigkill_of_bench_kills_its_worker_and_a_rerun_resumes_to_the_same_results(tmp_path):
+    """SIGKILL the bench parent mid-sweep: its worker dies with it, the next bench removes
+    the dead run's job folder, resumes, and ends with the results of an uninterrupted run."""
+    config = tmp_path / "sweep.yaml"
+    config.write_text(yaml.safe_dump(KILL_SWEEP))
+    proc = _prunekit(["bench", str(config), "--db", "killed.sqlite"], tmp_path)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:  # wait for the second cell's worker
+        workers = _children(proc.pid)
+        if workers and (tmp_path / "killed.sqlite").exists() and _metrics_count(tmp_path) >= 1:
+            break
+        time.sleep(0.2)
+    assert workers, "no worker started"
+    time.sleep(1.0)  # the worker is importing or evaluating, seconds from its end
+    proc.kill()
+    proc.wait(timeout=30)
+    for _ in range(10):  # the worker gets SIGKILL from the kernel when its parent dies
+        if not any(Path(f"/proc/{w}").exists() and _is_running(w) for w in workers):
+            break
+        time.sleep(0.1)
+    assert not any(_is_running(w) for w in workers), "worker outlived the killed bench"
+    stale = list(Path(tempfile.gettempdir()).glob(f"prunekit-cell-{proc.pid}-*"))
+    assert stale, "the killed bench left no job folder (nothing to clean up tested)"
+    done_before = _metrics_count(tmp_path)
+    assert 1 <= done_before < 5
+
+    resumed = _prunekit(["bench", str(config), "--db", "killed.sqlite"], tmp_path)
+    out, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err
+    assert f"{done_before} already done" in out
+    assert not any(p.exists() for p in stale)
+    whole = _prunekit(["bench", str(config), "--db", "whole.sqlite"], tmp_path)
+    _, err = whole.communicate(timeout=300)
+    assert whole.returncode == 0, err
+    assert _metrics(tmp_path / "killed.sqlite") == _metrics(tmp_path / "whole.sqlite")
+
+
+def _metrics_count(folder: Path) -> int:
+    try:
+        return len(_metrics(folder / "killed.sqlite"))
+    except prunekit.PrunekitError:  # not created yet
+        return 0
+
+
+def _is_running(pid: int) -> bool:
+    """Alive and not a zombie."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
 
 
 def _save_worker(folder: str, queue) -> None:

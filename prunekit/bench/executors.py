@@ -8,9 +8,12 @@
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -24,6 +27,7 @@ from prunekit.bench.cell import error_line, run_outcome, run_outcome_from_dicts
 from prunekit.bench.config import Cell, Execution
 from prunekit.bench.memory import reset_peak_rss
 from prunekit.errors import choice_error
+from prunekit.export.folder import process_alive
 
 Outcome = dict[str, Any]  # {"result": {...}} or {"error": "..."}, plus "wall_time_s"
 OnStart = Callable[[Cell | None], None] | None  # told when a cell starts (None: all at once)
@@ -37,9 +41,30 @@ def _worker_env() -> dict[str, str]:
     return env
 
 
+CELL_PREFIX = "prunekit-cell-"  # + the bench's PID: a worker's job folder in the temp dir
+PR_SET_PDEATHSIG = 1  # prctl option: the signal a process gets when its parent dies
+
+
+def remove_stale_cell_folders() -> None:
+    """Remove the job folders of benches that no longer run (killed mid-cell)."""
+    for path in Path(tempfile.gettempdir()).glob(f"{CELL_PREFIX}*"):
+        pid = path.name[len(CELL_PREFIX) :].partition("-")[0]
+        if pid.isdigit() and not process_alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _die_with_parent() -> None:
+    """In the worker, before it starts: be killed when the bench process dies (Linux)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    except OSError:  # not Linux: the worker finishes its cell on its own
+        return
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
 def run_in_subprocess(cell_dict: dict, execution_dict: dict) -> Outcome:
     """Run one cell in `python -m prunekit.bench.worker`; wall time includes start-up."""
-    with tempfile.TemporaryDirectory(prefix="prunekit-cell-") as tmp:
+    with tempfile.TemporaryDirectory(prefix=f"{CELL_PREFIX}{os.getpid()}-") as tmp:
         job, out = Path(tmp) / "job.json", Path(tmp) / "out.json"
         job.write_text(json.dumps({"cell": cell_dict, "execution": execution_dict}))
         start = time.perf_counter()
@@ -48,6 +73,7 @@ def run_in_subprocess(cell_dict: dict, execution_dict: dict) -> Outcome:
             env=_worker_env(),
             stdin=subprocess.DEVNULL,
             check=False,
+            preexec_fn=_die_with_parent,
         )
         wall = time.perf_counter() - start
         if out.exists():
@@ -67,6 +93,7 @@ class LocalExecutor:
         self, cells: Iterable[Cell], execution: Execution, on_start: OnStart = None
     ) -> Iterator[tuple[Cell, Outcome]]:
         execution_dict = dataclasses.asdict(execution)
+        remove_stale_cell_folders()
         for cell in cells:
             if on_start:
                 on_start(cell)

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from prunekit.bench.config import Cell, SweepConfig
 from prunekit.bench.store import ResultStore
+from prunekit.errors import PrunekitError
 from prunekit.progress import progress as tqdm
 
 
@@ -18,6 +19,25 @@ class SweepSummary:
     skipped: int
     ran: int = 0
     failed: list[str] = field(default_factory=list)  # "label: error" per failed cell
+
+
+def check_cells(config: SweepConfig) -> None:
+    """Fail in one line, before any cell runs, on what would fail every cell of a model:
+    a model that cannot be resolved, or windows longer than its context."""
+    from prunekit.models.loading import inspect_model
+
+    facts = {model: inspect_model(model) for model in {c.model for c in config.cells}}
+    for cell in config.cells:
+        limit = facts[cell.model].max_context
+        windows = {"evaluation.seqlen": cell.evaluation["seqlen"]}
+        if cell.calibration:
+            windows["calibration.seqlen"] = cell.calibration["seqlen"]
+        for where, seqlen in windows.items():
+            if limit is not None and seqlen > limit:
+                raise PrunekitError(
+                    f"sweep config {where}: {seqlen} exceeds the context of model "
+                    f"{cell.model!r} ({limit} tokens)"
+                )
 
 
 def run_sweep(config: SweepConfig, store: ResultStore, executor) -> SweepSummary:

@@ -153,7 +153,7 @@ def check_writable_parent(path: Path, what: str) -> None:
         raise PrunekitError(f"cannot write {what} {path}: {parent} is not writable")
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -176,7 +176,7 @@ def remove_stale_temporaries(out: Path) -> None:
             pid_text = rest.partition("-")[0]
         else:
             continue
-        if pid_text.isdigit() and not _alive(int(pid_text)):
+        if pid_text.isdigit() and not process_alive(int(pid_text)):
             if path.is_dir():
                 shutil.rmtree(path, ignore_errors=True)
             else:

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from transformers import PretrainedConfig
 from transformers.pytorch_utils import Conv1D
 
 ATTENTION_ROLES = ("q", "k", "v", "qkv", "o")
@@ -81,6 +82,11 @@ def set_weight_matrix(module: nn.Module, weight: torch.Tensor) -> None:
     """Write an [out, in] matrix back into a linear-like module, keeping its dtype."""
     target = weight_matrix(module)
     target.copy_(weight.to(target.dtype))
+
+
+def context_length(config: PretrainedConfig) -> int | None:
+    """Longest sequence a model of `config` accepts (tokens), or None when unbounded."""
+    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
 
 
 class ModelAdapter:
@@ -169,8 +175,7 @@ class ModelAdapter:
     @property
     def max_context(self) -> int | None:
         """Longest sequence the model accepts (tokens), or None when unbounded."""
-        c = self.config
-        return getattr(c, "max_position_embeddings", None) or getattr(c, "n_positions", None)
+        return context_length(self.config)
 
     @property
     def model_type(self) -> str:

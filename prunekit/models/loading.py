@@ -11,13 +11,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from huggingface_hub.utils import logging as hub_logging
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
 from prunekit import settings
 from prunekit.errors import PrunekitError
-from prunekit.models.adapter import ModelAdapter
+from prunekit.models.adapter import ModelAdapter, context_length
 from prunekit.models.families import adapter_for, family_of
 
 ALIASES = {
@@ -119,6 +120,38 @@ def _read_model_type(where: str, extra: dict) -> str:
     return AutoConfig.from_pretrained(where, **extra).model_type
 
 
+def _quiet() -> None:
+    """No transformers progress bars (prunekit shows its own) and no hub retry warnings
+    (a failure becomes one line)."""
+    hf_logging.disable_progress_bar()
+    hub_logging.set_verbosity_error()
+
+
+@dataclass
+class ModelFacts:
+    """What a model's config says, read without its weights."""
+
+    source: str
+    model_type: str
+    max_context: int | None  # tokens, None when unbounded
+
+
+def inspect_model(source: str) -> ModelFacts:
+    """Resolve `source` as `load_model` does and read its config only (a hub id needs
+    the network); fails with the same one-line errors."""
+    if not isinstance(source, (str, Path)):
+        raise PrunekitError(f"model must be a folder, hub id, .gguf path or alias, got {source!r}")
+    _quiet()
+    try:
+        where, extra = _resolve(str(source))
+        config = AutoConfig.from_pretrained(where, **extra)
+    except PrunekitError:
+        raise
+    except Exception as err:
+        raise PrunekitError(f"cannot load model {source!r}: {describe_error(err, source)}") from err
+    return ModelFacts(str(source), config.model_type, context_length(config))
+
+
 def load_model(
     source: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
 ) -> LoadedModel:
@@ -129,7 +162,7 @@ def load_model(
     """
     if not isinstance(source, (str, Path)):
         raise PrunekitError(f"model must be a folder, hub id, .gguf path or alias, got {source!r}")
-    hf_logging.disable_progress_bar()  # prunekit shows its own progress
+    _quiet()
     try:
         where, extra = _resolve(str(source))
         if is_per_layer_folder(where) or is_sliced_folder(where):
@@ -141,14 +174,21 @@ def load_model(
     except PrunekitError:
         raise
     except Exception as err:  # a corrupt, truncated or refused file: one line naming it
-        raise PrunekitError(f"cannot load model {source!r}: {describe_error(err)}") from err
+        raise PrunekitError(f"cannot load model {source!r}: {describe_error(err, source)}") from err
     _forget_gguf(model)
     model.to(device).eval()
     return LoadedModel(model=model, tokenizer=tokenizer, adapter=adapter_for(model), source=source)
 
 
-def describe_error(err: BaseException) -> str:
-    """`Type: first line of the message` (at most 200 characters) for a one-line error."""
+def describe_error(err: BaseException, source: str = "") -> str:
+    """`Type: first line of the message` (at most 200 characters) for a one-line error;
+    a hub id that cannot be fetched says so."""
+    text = str(err)
+    if "couldn't connect to" in text or "offline mode" in text.lower():
+        return (
+            f"cannot reach the Hugging Face hub to fetch {source} (and it is not in the "
+            "local cache); pass a local folder"
+        )
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
     text = f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
     return text if len(text) <= 200 else text[:197] + "..."

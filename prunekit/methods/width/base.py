@@ -45,6 +45,7 @@ from prunekit.surgery.plan import (
 )
 from prunekit.surgery.width import (
     block_parameters,
+    block_widths,
     decoder_parameters,
     keep_channels,
     keep_heads,
@@ -118,6 +119,16 @@ def output_columns(adapter: ModelAdapter, block: nn.Module, fn) -> dict[str, tor
     }
 
 
+def check_reachable(method: str, sparsity: float, most: float, floor: str) -> None:
+    """Refuse a decoder-parameter share `sparsity` beyond the `most` this model allows,
+    naming the `floor` (what must stay) and the valid range."""
+    if sparsity > most + 1e-9:
+        raise PrunekitError(
+            f"{method} can remove at most {most:.1%} of this model's decoder-block parameters "
+            f"({floor}); valid: sparsity <= {most:.3f}"
+        )
+
+
 class StructuredMethod(Method):
     """Base of width-pruning methods: implement `score` (or `block_scores` for more)."""
 
@@ -187,12 +198,32 @@ class StructuredMethod(Method):
                 "blocks to prune; lower --opt protect_first / protect_last"
             )
         total = sum(request.target(i).sparsity * s for i, s in enumerate(sizes))
+        most = sum(
+            self._removable(adapter, block)
+            for i, block in enumerate(adapter.blocks)
+            if i not in protected
+        )
+        check_reachable(
+            self.name,
+            total / sum(sizes),
+            most / sum(sizes),
+            "one KV group and one MLP channel stay in every block"
+            + (f", the {len(protected)} protected block(s) stay whole" if protected else ""),
+        )
         raw = [
             0.0 if i in protected else request.target(i).sparsity * s for i, s in enumerate(sizes)
         ]
         if sum(raw) == 0:
             return raw
         return [r * total / sum(raw) for r in raw]
+
+    @staticmethod
+    def _removable(adapter: ModelAdapter, block: nn.Module) -> int:
+        """Most parameters surgery can take from `block`: all but one KV group (when
+        heads are removable) and all but one MLP channel."""
+        costs, widths = block_costs(adapter, block), block_widths(adapter, block)
+        groups = (widths.kv_heads - 1) * costs.group if adapter.spec.heads_removable else 0
+        return groups + (widths.intermediate - 1) * costs.channel
 
     # -- driver ----------------------------------------------------------------------
     def run(self, lm: LoadedModel, calib: torch.Tensor | None, request: PruneRequest) -> dict:

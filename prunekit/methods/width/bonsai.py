@@ -27,7 +27,7 @@ from torch import nn
 from prunekit.errors import PrunekitError
 from prunekit.eval.perplexity import window_nll
 from prunekit.methods.base import Method, MethodConfig, PruneRequest, register
-from prunekit.methods.width.base import summed_scores, weight_values
+from prunekit.methods.width.base import check_reachable, summed_scores, weight_values
 from prunekit.models.adapter import ModelAdapter
 from prunekit.models.loading import LoadedModel
 from prunekit.progress import progress as tqdm
@@ -233,6 +233,17 @@ class Bonsai(Method):
         before = decoder_parameters(adapter)
         target = request.sparsity * before
         units = build_units(adapter, config.channel_group)
+        cheapest: dict[tuple[int, str], int] = {}
+        for unit in units:
+            key = unit.block, unit.kind
+            cheapest[key] = min(cheapest.get(key, unit.cost), unit.cost)
+        most = sum(unit.cost for unit in units) - sum(cheapest.values())
+        check_reachable(
+            self.name,
+            request.sparsity,
+            most / before,
+            f"one KV group and one unit of {config.channel_group} MLP channels stay per block",
+        )
         alive = torch.ones(len(units), dtype=torch.bool)
         generator = torch.Generator().manual_seed(request.seed)
         home = next(model.parameters()).device

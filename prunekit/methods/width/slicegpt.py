@@ -25,6 +25,7 @@ from torch import nn
 from prunekit.engine import COLLECTORS, BlockContext, SequentialRunner
 from prunekit.errors import PrunekitError, choice_error
 from prunekit.methods.base import Method, MethodConfig, PruneRequest, register
+from prunekit.methods.width.base import check_reachable
 from prunekit.models import sliced_modeling
 from prunekit.models.adapter import ModelAdapter
 from prunekit.models.loading import LoadedModel
@@ -148,13 +149,26 @@ class SliceGPT(Method):
         if not hasattr(sliced_modeling, sliced_class):
             raise PrunekitError(f"slicegpt has no sliced model class for {adapter.model_type}")
         hidden, round_to = adapter.hidden_size, self.config.round_to
+        before = decoder_parameters(adapter)
         if self.config.budget == "width":
+            most = 1 - round_to / hidden
+            if request.sparsity > most + 1e-9:
+                raise PrunekitError(
+                    f"slicegpt keeps at least round_to={round_to} of {hidden} hidden "
+                    f"dimensions; valid: sparsity (slicing ratio) <= {most:.3f}"
+                )
             width = sliced_width(hidden, request.sparsity, round_to)
         else:
+            floor = sliced_parameters(adapter, round_to, self.config.slice_head)
+            check_reachable(
+                self.name,
+                request.sparsity,
+                1 - floor / before,
+                f"the hidden width stays at least round_to={round_to}",
+            )
             width = width_for_parameters(
                 adapter, request.sparsity, round_to, self.config.slice_head
             )
-        before = decoder_parameters(adapter)
 
         fold_norms(adapter)
         for index, block in enumerate(adapter.blocks):
