@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 import prunekit
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,3 +39,22 @@ def quick_prune(lm, method, pattern="unstructured", sparsity=0.5, **kw):
         seqlen=64,
         **kw,
     )
+
+
+def block0_inputs(lm, calib: torch.Tensor, paths) -> dict[str, torch.Tensor]:
+    """X [tokens, in] (float64) of each linear `paths` of block 0 on the dense model,
+    caught by forward hooks (no prunekit code involved)."""
+    block = lm.model.model.layers[0]
+    caught: dict[str, list[torch.Tensor]] = {p: [] for p in paths}
+    hooks = [
+        block.get_submodule(p).register_forward_pre_hook(
+            lambda _m, args, p=p: caught[p].append(args[0].reshape(-1, args[0].shape[-1]))
+        )
+        for p in paths
+    ]
+    with torch.no_grad():
+        for row in calib:
+            lm.model(row.unsqueeze(0), use_cache=False)
+    for h in hooks:
+        h.remove()
+    return {p: torch.cat(x).double() for p, x in caught.items()}

@@ -13,29 +13,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import block0_inputs
 
 from prunekit.methods import PruneRequest, get_method
 from prunekit.surgery.masks import Pattern
 
 PATHS = ("self_attn.q_proj", "self_attn.o_proj", "mlp.down_proj")
-
-
-def block0_inputs(lm, calib: torch.Tensor) -> dict[str, torch.Tensor]:
-    """X [tokens, in] of each linear of block 0 on the dense model."""
-    block = lm.model.model.layers[0]
-    caught: dict[str, list[torch.Tensor]] = {p: [] for p in PATHS}
-    hooks = [
-        block.get_submodule(p).register_forward_pre_hook(
-            lambda _m, args, p=p: caught[p].append(args[0].reshape(-1, args[0].shape[-1]))
-        )
-        for p in PATHS
-    ]
-    with torch.no_grad():
-        for row in calib:
-            lm.model(row.unsqueeze(0), use_cache=False)
-    for h in hooks:
-        h.remove()
-    return {p: torch.cat(x).double() for p, x in caught.items()}
 
 
 def block0_weights(lm) -> dict[str, torch.Tensor]:
@@ -148,7 +131,7 @@ def test_magnitude_is_one_threshold_per_layer(stories, calib):
 
 @pytest.mark.parametrize(("pattern", "prune_n", "prune_m"), [("unstructured", 0, 0), ("2:4", 2, 4)])
 def test_wanda_masks_equal_the_reference(stories, calib, pattern, prune_n, prune_m):
-    x = block0_inputs(stories, calib)
+    x = block0_inputs(stories, calib, PATHS)
     dense = block0_weights(stories)
     ours = run(stories, "wanda", calib, pattern)
     for path, w in dense.items():
@@ -164,7 +147,7 @@ def test_wanda_masks_equal_the_reference(stories, calib, pattern, prune_n, prune
 def test_sparsegpt_equals_the_reference(stories, calib, pattern, prunen, prunem, floor):
     """Same masks (up to the reference's one extra weight per column block) and the same
     updated weights, on q (shared Hessian with k, v), o and down of block 0."""
-    x = block0_inputs(stories, calib)
+    x = block0_inputs(stories, calib, PATHS)
     dense = block0_weights(stories)
     ours = run(stories, "sparsegpt", calib, pattern)
     for path, w in dense.items():

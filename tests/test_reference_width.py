@@ -10,27 +10,11 @@ computed here and compared with the scores prunekit's methods give.
 from __future__ import annotations
 
 import torch
+from helpers import block0_inputs
 
 from prunekit.methods import PruneRequest, get_method
 
 O_PROJ, DOWN = "self_attn.o_proj", "mlp.down_proj"
-
-
-def inputs(lm, calib) -> dict[str, torch.Tensor]:
-    block = lm.model.model.layers[0]
-    caught: dict[str, list[torch.Tensor]] = {O_PROJ: [], DOWN: []}
-    hooks = [
-        block.get_submodule(p).register_forward_pre_hook(
-            lambda _m, args, p=p: caught[p].append(args[0].reshape(-1, args[0].shape[-1]))
-        )
-        for p in caught
-    ]
-    with torch.no_grad():
-        for row in calib:
-            lm.model(row.unsqueeze(0), use_cache=False)
-    for h in hooks:
-        h.remove()
-    return {p: torch.cat(x).double() for p, x in caught.items()}
 
 
 def first_block_scores(lm, calib, method):
@@ -54,7 +38,7 @@ def standarlization(x: torch.Tensor) -> torch.Tensor:
 
 def test_flap_scores_equal_the_reference(stories, stories_calib):
     calib = stories_calib[:8]
-    x = inputs(stories, calib)
+    x = block0_inputs(stories, calib, (O_PROJ, DOWN))
     block = stories.model.model.layers[0]
     w_o = block.get_submodule(O_PROJ).weight.detach().double()
     w_down = block.get_submodule(DOWN).weight.detach().double()
@@ -81,7 +65,7 @@ def test_flap_scores_equal_the_reference(stories, stories_calib):
 
 def test_wanda_sp_scores_equal_the_reference(stories, stories_calib):
     calib = stories_calib[:8]
-    x = inputs(stories, calib)
+    x = block0_inputs(stories, calib, (O_PROJ, DOWN))
     block = stories.model.model.layers[0]
     metric = {}
     for path in (O_PROJ, DOWN):
