@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -460,6 +461,25 @@ def test_sigkill_of_bench_kills_its_worker_and_a_rerun_resumes_to_the_same_resul
     _, err = whole.communicate(timeout=300)
     assert whole.returncode == 0, err
     assert _metrics(tmp_path / "killed.sqlite") == _metrics(tmp_path / "whole.sqlite")
+
+
+def test_sigint_of_bench_says_what_is_stored_and_exits_130(tmp_path):
+    config = tmp_path / "sweep.yaml"
+    config.write_text(yaml.safe_dump(KILL_SWEEP))
+    proc = _prunekit(["bench", str(config), "--db", "killed.sqlite"], tmp_path)
+    deadline = time.monotonic() + 120
+    while _metrics_count(tmp_path) < 1 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    stored = _metrics_count(tmp_path)
+    assert proc.returncode == 130, err
+    last = err.strip().splitlines()[-1]
+    assert re.fullmatch(
+        r"interrupted; \d+ cells stored now \(\d+ of 5 done\), rerun to resume", last
+    )
+    assert f"({stored} of 5 done)" in last
+    assert "Traceback" not in err
 
 
 def _metrics_count(folder: Path) -> int:
