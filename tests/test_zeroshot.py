@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import math
+import re
+import string
 
 import pytest
 import torch
@@ -14,6 +16,7 @@ from typer.testing import CliRunner
 
 import prunekit
 from prunekit.cli import app
+from prunekit.eval.generation import MAX_NEW_TOKENS, exact_match
 from prunekit.eval.llmkick import GROUPS, format_llmkick, llmkick_view
 from prunekit.eval.loglik import Score, encode_pair, loglikelihoods
 from prunekit.eval.tasks import TASKS, Item, load_task, task_path
@@ -120,9 +123,14 @@ def test_packed_scores_match_plain_forward_in_every_family(family):
 
 @pytest.mark.parametrize("task", sorted(TASKS))
 def test_task_file_parses_completely(task):
+    """Every non-empty line is one item (JSON lines split on newlines only: TriviaQA has
+    U+2028 inside its strings, which str.splitlines would cut at)."""
     items = load_task(task)
     with task_path(task).open(encoding="utf-8") as lines:
         assert len(items) == sum(1 for line in lines if line.strip())
+    if TASKS[task].kind == "generation":  # a prompt and its accepted answers
+        assert all(item.prompt and item.answers and all(item.answers) for item in items)
+        return
     for item in items:
         assert 0 <= item.gold < len(item.requests) == len(item.choices)
         assert all(
@@ -260,8 +268,99 @@ def test_llmkick_view_ratios():
     assert language["retained"] == pytest.approx((1.0 + 0.8) / 2)
     table = format_llmkick(view)
     assert "| knowledge | arc_easy, openbook_qa | 0.5000 | 0.3000 | 0.625 |" in table
-    assert "| perplexity ratio | wikitext2 | | | 1.500 |" in table
-    assert set(GROUPS["knowledge"]) | set(GROUPS["commonsense/language"]) == set(TASKS)
+    assert "| perplexity ratio | wikitext2 | | | 1.500 | |" in table
+    assert set().union(*GROUPS.values()) == set(TASKS)
+
+
+def test_llmkick_retention_above_chance():
+    """(pruned − chance) / (dense − chance); a task whose dense score is at chance is left
+    out of its group's mean (ARC at 0.25 on 4 choices)."""
+    dense = {"piqa": {"acc": 0.7, "chance": 0.5}, "hellaswag": {"acc": 0.5, "chance": 0.25}}
+    pruned = {"piqa": {"acc": 0.6, "chance": 0.5}, "hellaswag": {"acc": 0.3, "chance": 0.25}}
+    dense |= {"arc_easy": {"acc": 0.25, "chance": 0.25}, "triviaqa": {"acc": 0.2, "chance": 0.0}}
+    pruned |= {"arc_easy": {"acc": 0.3, "chance": 0.25}, "triviaqa": {"acc": 0.05, "chance": 0.0}}
+    view = llmkick_view(dense, pruned)
+    assert view["tasks"]["piqa"]["retained_above_chance"] == pytest.approx(0.5)
+    assert view["tasks"]["hellaswag"]["retained_above_chance"] == pytest.approx(0.2)
+    assert math.isnan(view["tasks"]["arc_easy"]["retained_above_chance"])
+    language = view["groups"]["commonsense/language"]
+    assert language["retained_above_chance"] == pytest.approx(0.35)
+    assert view["groups"]["closed-book QA"]["retained_above_chance"] == pytest.approx(0.25)
+    assert math.isnan(view["groups"]["knowledge"]["retained_above_chance"])
+
+
+# -- closed-book QA scored on generated answers -----------------------------------------
+
+
+def reference_normalize(text: str) -> str:
+    """The TriviaQA / SQuAD evaluation scripts' normalisation, written out here."""
+    text = text.lower()
+    text = "".join(ch for ch in text if ch not in set(string.punctuation))
+    text = re.sub(r"\b(a|an|the)\b", " ", text)
+    return " ".join(text.split())
+
+
+@pytest.mark.parametrize(
+    ("prediction", "answers", "right"),
+    [
+        ("The Onion", ["Onion"], True),
+        ("onions.", ["Onion", "Onions"], True),
+        ("  Admiral Richard  Byrd!", ["Admiral Richard Byrd"], True),
+        ("Richard Byrd", ["Admiral Richard Byrd"], False),
+        ("an apple", ["Apple"], True),
+        ("theatre", ["atre"], False),  # articles only as whole words
+        ("", ["x"], False),
+    ],
+)
+def test_exact_match_normalises_as_the_triviaqa_script(prediction, answers, right):
+    assert exact_match(prediction, answers) is right
+    assert right == any(reference_normalize(prediction) == reference_normalize(a) for a in answers)
+
+
+def test_closed_book_items_keep_every_alias_and_prompt():
+    trivia = load_task("triviaqa", limit=1)[0]
+    assert trivia.prompt.startswith("Question: ") and trivia.prompt.endswith("\nAnswer:")
+    assert trivia.answers[0] == "Onion" and "Allium cepa" in trivia.answers
+    jeopardy = load_task("jeopardy", limit=1)[0]
+    assert jeopardy.prompt.endswith("\nAnswer:") and jeopardy.answers == ("Admiral Richard Byrd",)
+    wikidata = load_task("qa_wikidata", limit=1)[0]
+    assert wikidata.prompt == "The native language of Daniel Schneidermann is"
+
+
+def _greedy_without_cache(model, tokenizer, prompt: str, steps: int) -> str:
+    """Argmax decoding by full forwards (no KV cache, no generate), cut at a newline."""
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    new = []
+    with torch.no_grad():
+        for _ in range(steps):
+            token = int(
+                model(torch.cat([ids, torch.tensor([new], dtype=ids.dtype)], 1))
+                .logits[0, -1]
+                .argmax()
+            )
+            if token == tokenizer.eos_token_id:
+                break
+            new.append(token)
+            if "\n" in tokenizer.decode(new, skip_special_tokens=True).lstrip():
+                break
+    return tokenizer.decode(new, skip_special_tokens=True).lstrip().split("\n")[0]
+
+
+@pytest.mark.parametrize("task", ["triviaqa", "jeopardy", "bigbench_qa_wikidata"])
+def test_generation_tasks_score_the_greedy_answer(stories, task):
+    result = evaluate_tasks(stories.model, stories.tokenizer, [task], limit=3)[task]
+    items = load_task(task, limit=3)
+    answers = [
+        _greedy_without_cache(stories.model, stories.tokenizer, item.prompt, MAX_NEW_TOKENS)
+        for item in items
+    ]
+    assert result["examples"] == answers
+    right = [
+        any(reference_normalize(a) == reference_normalize(g) for g in i.answers)
+        for a, i in zip(answers, items, strict=True)
+    ]
+    assert result["acc"] == pytest.approx(sum(right) / 3)
+    assert result["n"] == 3 and result["chance"] == 0.0
 
 
 def test_cli_eval_and_prune_report_zeroshot_tasks(tmp_path):

@@ -13,6 +13,8 @@ from typing import Any
 from prunekit.eval.tasks import canonical_task
 
 GROUPS: dict[str, tuple[str, ...]] = {
+    # LLM-Kick's knowledge-intensive tasks scored on generated answers (exact match)
+    "closed-book QA": ("triviaqa", "jeopardy", "bigbench_qa_wikidata"),
     "knowledge": (
         "arc_easy",
         "arc_challenge",
@@ -50,7 +52,9 @@ def llmkick_view(
     Returns `{"metric", "tasks": {task: {dense, pruned, retained}}, "groups": {group:
     {tasks, dense, pruned, retained}}, "perplexity_ratio": {dataset: ratio}}`; a group
     with none of its tasks evaluated is left out. `retained` of a group is the mean of its
-    tasks' pruned/dense ratios (tasks with a dense score of zero are skipped).
+    tasks' pruned/dense ratios (tasks with a dense score of zero are skipped);
+    `retained_above_chance` is (pruned − chance) / (dense − chance), LLM-Kick's chance
+    correction, with tasks whose dense score is at or below chance skipped.
     """
     tasks: dict[str, dict[str, float]] = {}
     perplexity_ratio: dict[str, float] = {}
@@ -62,10 +66,13 @@ def llmkick_view(
         if canonical is None and "perplexity" in before:
             perplexity_ratio[name] = _ratio(after["perplexity"], before["perplexity"])
         elif canonical is not None and metric in before and metric in after:
+            chance = float(before.get("chance", 0.0))
             tasks[canonical] = {
                 "dense": before[metric],
                 "pruned": after[metric],
+                "chance": chance,
                 "retained": _ratio(after[metric], before[metric]),
+                "retained_above_chance": _ratio(after[metric] - chance, before[metric] - chance),
             }
     groups = {}
     for group, members in GROUPS.items():
@@ -76,6 +83,9 @@ def llmkick_view(
                 "dense": _mean([tasks[t]["dense"] for t in present]),
                 "pruned": _mean([tasks[t]["pruned"] for t in present]),
                 "retained": _mean([tasks[t]["retained"] for t in present]),
+                "retained_above_chance": _mean(
+                    [tasks[t]["retained_above_chance"] for t in present]
+                ),
             }
     return {
         "metric": metric,
@@ -88,14 +98,15 @@ def llmkick_view(
 def format_llmkick(view: dict[str, Any]) -> str:
     """The view as a Markdown table: one row per group, then one per perplexity dataset."""
     lines = [
-        f"| group | tasks | dense {view['metric']} | pruned {view['metric']} | retained |",
-        "|---|---|---:|---:|---:|",
+        f"| group | tasks | dense {view['metric']} | pruned {view['metric']} | retained "
+        "| retained above chance |",
+        "|---|---|---:|---:|---:|---:|",
     ]
     for group, row in view["groups"].items():
         lines.append(
             f"| {group} | {', '.join(row['tasks'])} | {row['dense']:.4f} | "
-            f"{row['pruned']:.4f} | {row['retained']:.3f} |"
+            f"{row['pruned']:.4f} | {row['retained']:.3f} | {row['retained_above_chance']:.3f} |"
         )
     for dataset, ratio in view["perplexity_ratio"].items():
-        lines.append(f"| perplexity ratio | {dataset} | | | {ratio:.3f} |")
+        lines.append(f"| perplexity ratio | {dataset} | | | {ratio:.3f} | |")
     return "\n".join(lines)

@@ -5,7 +5,8 @@ choice after a one-space target delimiter. The files come in three formats: `{qu
 choices, gold}` (most), the schema format `{context_options, continuation, gold}`
 (WinoGrande, WSC: partial scoring, the continuation is scored after each option) and
 HellaSwag's original `{ctx_a, ctx_b, activity_label, endings, label}`; LAMBADA is
-`{context, continuation}`.
+`{context, continuation}`. The closed-book QA tasks (TriviaQA, Jeopardy, BIG-bench
+qa_wikidata) are prompts answered by generation (`QAItem`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 
 from prunekit import settings
 from prunekit.errors import PrunekitError, choice_error, read_text
+from prunekit.eval.generation import QAItem
 
 DELIMITER = " "
 
@@ -106,14 +108,31 @@ def _lambada(row: dict) -> Item:
     return Item(((row["context"], DELIMITER + word),), 0, (word,))
 
 
+def _triviaqa(row: dict) -> QAItem:
+    """Closed-book TriviaQA: `Question: ...\nAnswer:`; the answer or any alias counts."""
+    return QAItem(row["context"], tuple(dict.fromkeys([row["answer"], *row["aliases"]])))
+
+
+def _jeopardy(row: dict) -> QAItem:
+    """`CATEGORY: clue\nAnswer:`; the continuation is the answer."""
+    return QAItem(row["context"].rstrip() + "\nAnswer:", (row["continuation"],))
+
+
+def _completion(row: dict) -> QAItem:
+    """BIG-bench qa_wikidata: a factoid sentence the model completes."""
+    return QAItem(row["context"], (row["continuation"],))
+
+
 @dataclass(frozen=True)
 class TaskSpec:
     """A named task: its file under data/tasks, how a row becomes an `Item`, its kind."""
 
     name: str
     filename: str
-    build: Callable[[dict], Item]
-    kind: str = "multiple_choice"  # or "lambada": last-word accuracy and perplexity
+    build: Callable[[dict], Item | QAItem]
+    # "multiple_choice"; "lambada": last-word accuracy and perplexity; "generation":
+    # exact match of a greedy answer (prunekit.eval.generation)
+    kind: str = "multiple_choice"
 
 
 TASKS: dict[str, TaskSpec] = {
@@ -131,12 +150,19 @@ TASKS: dict[str, TaskSpec] = {
         TaskSpec("siqa", "siqa.jsonl", _siqa),
         TaskSpec("winograd_wsc", "winograd_wsc.jsonl", _partial_item),
         TaskSpec("winogrande", "winogrande.jsonl", _partial_item),
+        TaskSpec("triviaqa", "triviaqa_sm_sub.jsonl", _triviaqa, kind="generation"),
+        TaskSpec("jeopardy", "jeopardy_all.jsonl", _jeopardy, kind="generation"),
+        TaskSpec(
+            "bigbench_qa_wikidata", "bigbench_qa_wikidata.jsonl", _completion, kind="generation"
+        ),
     )
 }
 ALIASES = {
     "hellaswag_1k": "hellaswag",
     "lambada": "lambada_openai",
     "openbookqa": "openbook_qa",
+    "qa_wikidata": "bigbench_qa_wikidata",
+    "triviaqa_sm_sub": "triviaqa",
     "social_iqa": "siqa",
     "wsc": "winograd_wsc",
     "wsc273": "winograd_wsc",
@@ -163,7 +189,7 @@ def task_path(name: str) -> Path:
     return path
 
 
-def load_task(name: str, limit: int | None = None) -> list[Item]:
+def load_task(name: str, limit: int | None = None) -> list[Item] | list[QAItem]:
     """The first `limit` items (all when None) of task `name` (a name or alias)."""
     canonical = canonical_task(name)
     if canonical is None:
@@ -172,7 +198,7 @@ def load_task(name: str, limit: int | None = None) -> list[Item]:
         raise PrunekitError(f"limit must be at least 1, got {limit}")
     spec, path = TASKS[canonical], task_path(canonical)
     items = []
-    for number, line in enumerate(read_text(path, "task file").splitlines(), start=1):
+    for number, line in enumerate(read_text(path, "task file").split("\n"), start=1):
         if limit is not None and len(items) >= limit:
             break
         if not line.strip():

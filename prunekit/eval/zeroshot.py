@@ -3,7 +3,9 @@
 `acc`: the choice with the highest log-likelihood is the gold one. `acc_norm`: the same
 after dividing each log-likelihood by its choice text's UTF-8 byte length. LAMBADA: `acc`
 is last-word accuracy (every continuation token is the greedy argmax) and `perplexity`
-is exp of minus the mean continuation log-likelihood per item.
+is exp of minus the mean continuation log-likelihood per item. Closed-book QA
+(TriviaQA, Jeopardy, qa_wikidata): `acc` is the exact match of the greedy answer
+(`prunekit.eval.generation`).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from prunekit.errors import choice_error
+from prunekit.eval.generation import MAX_NEW_TOKENS, QAItem, exact_match, generate_answers
 from prunekit.eval.loglik import Score, loglikelihoods
 from prunekit.eval.tasks import TASKS, Item, canonical_task, load_task, task_path
 from prunekit.progress import progress as tqdm
@@ -70,6 +73,21 @@ def lambada_metrics(scores: Sequence[Score]) -> dict[str, float]:
     }
 
 
+def generation_metrics(items: Sequence[QAItem], predictions: Sequence[str]) -> dict:
+    """`acc` (exact match of the greedy answers), its standard error, `chance` 0 and the
+    first five predictions (to read what the model said)."""
+    correct = [
+        float(exact_match(p, item.answers)) for p, item in zip(predictions, items, strict=True)
+    ]
+    return {
+        "acc": sum(correct) / len(correct),
+        "acc_stderr": _stderr(correct),
+        "chance": 0.0,
+        "max_new_tokens": MAX_NEW_TOKENS,
+        "examples": list(predictions[:5]),
+    }
+
+
 def _file_sha256(task: str) -> str:
     return hashlib.sha256(task_path(task).read_bytes()).hexdigest()
 
@@ -108,6 +126,17 @@ def evaluate_tasks(
     results = {}
     for task, name in tqdm(names.items(), desc="zero-shot tasks", disable=len(names) < 2):
         items = load_task(name, limit)
+        if TASKS[name].kind == "generation":
+            predictions = generate_answers(model, tokenizer, items, desc=name)
+            results[task] = {
+                "task": name,
+                **generation_metrics(items, predictions),
+                "n": len(items),
+                "limit": limit,
+                "backend": "prunekit",  # generation is scored by prunekit's greedy decoder
+                "file_sha256": _file_sha256(name),
+            }
+            continue
         requests = [request for item in items for request in item.requests]
         model.eval()
         scores = scorer(model, tokenizer, requests, batch_size=batch_size, desc=name)
