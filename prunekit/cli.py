@@ -13,6 +13,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -91,6 +92,7 @@ def _check_json_path(path: Path | None) -> None:
 
 def _write_json(path: Path | None, payload: dict[str, Any]) -> None:
     if path is not None:
+        _OUTPUTS.append(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(payload, indent=2) + "\n")
 
@@ -266,6 +268,7 @@ def prune(
     if tasks:
         _print_results(dense, record.evaluation["pruned"])
     if out is not None:
+        _OUTPUTS.append(Path(out))
         api.save(lm, out, record, overwrite)
         typer.echo(f"saved to {out}")
     _write_json(json_path, record.as_dict())
@@ -429,6 +432,15 @@ def _is_click_error(err: BaseException) -> bool:
 
 
 _interrupted = False  # set by the SIGINT handler: Ctrl-C arrived during this run
+_STARTED = time.time()
+_OUTPUTS: list[Path] = []  # what this run was about to write (checked when interrupted)
+
+
+def _interrupted_message() -> str:
+    """What an interrupted run kept: the outputs it finished writing before the signal
+    (an output counts once it exists and was written by this run), or nothing."""
+    done = [str(p) for p in _OUTPUTS if p.exists() and p.stat().st_mtime >= _STARTED]
+    return f"interrupted; wrote {', '.join(done)}" if done else "interrupted; nothing written"
 
 
 def _on_sigint(signum: int, frame: object) -> None:
@@ -463,10 +475,10 @@ def main() -> None:
     except Interrupted as err:
         _exit_interrupted(str(err))
     except (typer.Abort, KeyboardInterrupt):
-        _exit_interrupted("interrupted; nothing written")
+        _exit_interrupted(_interrupted_message())
     except Exception as err:
         if _interrupted:
-            _exit_interrupted("interrupted; nothing written")
+            _exit_interrupted(_interrupted_message())
         if type(err).__name__ == "NoArgsIsHelpError":
             typer.echo(err.ctx.get_help())
             sys.exit(0)
@@ -476,7 +488,7 @@ def main() -> None:
             sys.exit(2)
         raise
     if code == 130 or _interrupted:
-        _exit_interrupted("interrupted; nothing written")
+        _exit_interrupted(_interrupted_message())
     if isinstance(code, int) and code:
         sys.exit(code)
 

@@ -373,10 +373,13 @@ def test_sigint_exits_130_with_one_line_and_no_folder(tmp_path, delay):
     if proc.returncode == 0:  # finished before the signal: nothing to check
         pytest.skip("the run ended before the signal")
     assert proc.returncode == 130, err
-    assert err.strip().splitlines()[-1] == "interrupted; nothing written"
     assert "Traceback" not in err
-    assert not (tmp_path / "out").exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []
+    if (tmp_path / "out").exists():  # the signal came after the save: say so, whole folder
+        assert err.strip().splitlines()[-1] == "interrupted; wrote out"
+        assert (tmp_path / "out" / "prunekit.json").is_file()
+    else:
+        assert err.strip().splitlines()[-1] == "interrupted; nothing written"
 
 
 def test_stale_temporaries_of_a_killed_save_are_removed_by_the_next(tmp_path):
@@ -631,3 +634,18 @@ def test_progress_in_a_log_is_one_readable_line_per_update(capsys, monkeypatch):
     assert "\r" not in err
     lines = err.strip().splitlines()
     assert len(lines) >= 2 and lines[-1].startswith("blocks: 100%")
+
+
+def test_an_interrupt_after_the_save_names_what_was_written(tmp_path, monkeypatch):
+    """A Ctrl-C that lands after the folder was renamed into place says it was written;
+    an output that predates the run (not replaced) does not count."""
+    from prunekit import cli
+
+    old = tmp_path / "old"
+    old.mkdir()
+    os.utime(old, (cli._STARTED - 60, cli._STARTED - 60))
+    new = tmp_path / "new"
+    monkeypatch.setattr(cli, "_OUTPUTS", [old, new])
+    assert cli._interrupted_message() == "interrupted; nothing written"
+    new.mkdir()
+    assert cli._interrupted_message() == f"interrupted; wrote {new}"

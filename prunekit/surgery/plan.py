@@ -8,6 +8,7 @@ attention linears) or per MLP channel (for MLP linears).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -75,6 +76,32 @@ def structure_sums(
     return out
 
 
+def channel_lines(
+    adapter: ModelAdapter, block: nn.Module, lines: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """Per role, one value per row / column `lines[role]` [rows or cols] placed by
+    structure and channel: attention roles give [kv_heads, head_dim] (the query heads of
+    a KV group, and q / k / v of a fused qkv, summed onto the group's head_dim channels),
+    MLP roles [intermediate, 1] (fused gate and up summed)."""
+    w = block_widths(adapter, block)
+    out = {}
+    for role, where in structure_ids(adapter, block).items():
+        if role not in lines:
+            continue
+        attention = role in ATTENTION
+        size, width = (w.kv_heads, adapter.head_dim) if attention else (w.intermediate, 1)
+        ids = where.ids.to(lines[role].device)
+        order = torch.argsort(ids, stable=True)  # lines grouped by structure, in order
+        counts = torch.bincount(ids, minlength=size)
+        first = torch.cumsum(counts, 0) - counts
+        channel = torch.empty_like(ids)  # the line's rank among its structure's lines
+        channel[order] = torch.arange(ids.numel(), device=ids.device) - first[ids[order]]
+        flat = torch.zeros(size * width, dtype=lines[role].dtype, device=ids.device)
+        flat.index_add_(0, ids * width + channel % width, lines[role])
+        out[role] = flat.view(size, width)
+    return out
+
+
 def linear_values(adapter: ModelAdapter, block: nn.Module, fn) -> dict[str, torch.Tensor]:
     """`{role: fn(role, module, weight [out, in] float)}` over the block's linears."""
     return {
@@ -138,17 +165,20 @@ def plan_block(
     costs: BlockCosts,
     target: float,
     heads_removable: bool = True,
+    floor_groups: bool = False,
 ) -> BlockPlan:
     """Remove `target` parameters from one block with the same ratio for heads and MLP.
 
     The ratio ρ = target / (all group + channel parameters) is applied to the KV groups
-    (rounded to whole groups, at least one kept); the MLP channels then make up the rest
-    of the budget, so the block loses `target` parameters to within one channel.
+    (rounded to whole groups, or floored with `floor_groups`; at least one kept); the MLP
+    channels then make up the rest of the budget, so the block loses `target` parameters
+    to within one channel.
     """
     n_groups, n_channels = group_scores.numel(), channel_scores.numel()
     removable = n_groups * costs.group + n_channels * costs.channel
     ratio = target / removable
-    drop_groups = min(round(ratio * n_groups), n_groups - 1) if heads_removable else 0
+    rounded = math.floor(ratio * n_groups + 1e-9) if floor_groups else round(ratio * n_groups)
+    drop_groups = min(rounded, n_groups - 1) if heads_removable else 0
     drop_channels = round(max(0.0, target - drop_groups * costs.group) / costs.channel)
     return BlockPlan(keep_top(group_scores, drop_groups), keep_top(channel_scores, drop_channels))
 

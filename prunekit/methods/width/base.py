@@ -138,6 +138,7 @@ class StructuredMethod(Method):
     Config: ClassVar[type[MethodConfig]] = StructuredConfig
     needs: ClassVar[tuple[str, ...]] = ()  # statistics gathered per block
     needs_roles: ClassVar[tuple[str, ...] | None] = None  # linears they are gathered on
+    floor_groups: ClassVar[bool] = False  # floor (not round) the KV groups a block loses
 
     def score(self, adapter: ModelAdapter, block: nn.Module, stats: BlockStats) -> BlockScores:
         raise NotImplementedError
@@ -236,7 +237,14 @@ class StructuredMethod(Method):
         if config.selection == "uniform":
             for index, block, scores in self.block_scores(lm, calib, request, dense=False):
                 costs = block_costs(adapter, block)
-                plan = plan_block(scores.groups, scores.channels, costs, targets[index], removable)
+                plan = plan_block(
+                    scores.groups,
+                    scores.channels,
+                    costs,
+                    targets[index],
+                    removable,
+                    self.floor_groups,
+                )
                 self._apply(adapter, block, scores.stats, plan)
                 plans[index] = plan
         else:

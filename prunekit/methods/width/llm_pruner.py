@@ -2,20 +2,28 @@
 
 Dependency groups: a KV group (its query heads' q rows, its k and v rows, the matching
 o columns; GQA-aware, a KV head goes with its query heads) and an MLP channel (gate and
-up rows, the down column). Importance is first order, from gradients G of the LM loss
-(mean token cross-entropy) on the calibration windows:
+up rows, the down column). As in the reference (`LLMPruner/pruner/hf_llama_pruner.py`,
+`TaylorImportance`), each weight gets a salience from the gradient G of the LM loss (mean
+token cross-entropy over the calibration windows) and, for the second-order terms, the
+diagonal Fisher F = mean over windows of g_w², g_w the gradient of window w's loss:
 
-- element-wise: each weight's |W·G|, summed over the structure's slice of a linear;
-- vector-wise: |Σ W·G| over the structure's slice of a linear;
+- order=first  (`param_first`, the reference default):  s = W·G
+- order=second (`param_second`):                        s = W·F·W
+- order=mix    (`param_mix`):                           s = W·G − ½·W·F·W
 
-then aggregated over the group's linears by `aggregation` (sum, max, prod, or last =
-the output projection only). Gradients are computed block by block
-(`engine.gradients.blockwise_lm_gradients`: exact backpropagation with activation
-checkpoints at block boundaries), so only one block's graph is ever held. All scores
-come from the dense model; by default (`protect_first` / `protect_last` = -1) the first 4
-and last 2 of every 32 blocks are left unpruned, as in the paper's LLaMA-7B setting
-(blocks 4-29 of 32), scaled to the model's depth (30 blocks: 4 and 2; 5 blocks: 1 and 0),
-and the others share the budget.
+Each linear's salience is reduced per channel it contributes (rows of q/k/v/gate/up,
+columns of o/down): Σ|s| (importance=element) or |Σ s| (importance=vector, the
+reference's `vectorize`). The group's linears are then aggregated channel by channel
+(sum, max, prod, or last = the output projection only) and, for attention, summed over
+the head's head_dim channels (the reference's order: reduce over the group, then over
+consecutive channels). With GQA the query heads of a KV group are summed onto its
+channels. Gradients are computed block by block (`engine.gradients.
+blockwise_lm_gradients`), so only one block's graph is ever held; second-order orders run
+it once more per calibration window. All scores come from the dense model; by default
+(`protect_first` / `protect_last` = -1) the first 4 and last 2 of every 32 blocks are left
+unpruned, as in the paper's LLaMA-7B setting (blocks 4-29 of 32), scaled to the model's
+depth (30 blocks: 4 and 2; 5 blocks: 1 and 0), and the others share the budget. The
+number of removed KV groups is floored, as the reference floors pruned heads.
 """
 
 from __future__ import annotations
@@ -32,15 +40,17 @@ from prunekit.methods.base import PruneRequest, register
 from prunekit.methods.width.base import BlockScores, StructuredConfig, StructuredMethod
 from prunekit.models.adapter import ModelAdapter, weight_matrix
 from prunekit.models.loading import LoadedModel
-from prunekit.surgery.plan import ATTENTION, MLP, combine, linear_values, structure_sums
+from prunekit.surgery.plan import ATTENTION, MLP, channel_lines, combine, structure_ids
 
 IMPORTANCE = ("element", "vector")
+ORDERS = ("first", "second", "mix")
 AGGREGATIONS = ("sum", "max", "prod", "last")
 
 
 @dataclass
 class LLMPrunerConfig(StructuredConfig):
-    importance: str = "element"  # element: Σ|W·G|; vector: |Σ W·G| per linear slice
+    importance: str = "element"  # per channel: element Σ|s|, vector |Σ s|
+    order: str = "first"  # salience s: first W·G, second W·F·W, mix W·G - W·F·W/2
     aggregation: str = "sum"  # over the group's linears: sum, max, prod, last
     protect_first: int = -1  # -1: the reference's 4 of 32 blocks, scaled to the depth
     protect_last: int = -1  # -1: the reference's 2 of 32 blocks, scaled to the depth
@@ -57,38 +67,77 @@ class LLMPrunerConfig(StructuredConfig):
         super().__post_init__()
         if self.importance not in IMPORTANCE:
             raise choice_error("importance", self.importance, IMPORTANCE)
+        if self.order not in ORDERS:
+            raise choice_error("order", self.order, ORDERS)
         if self.aggregation not in AGGREGATIONS:
             raise choice_error("aggregation", self.aggregation, AGGREGATIONS)
 
 
-def _grad_matrix(module: nn.Module) -> torch.Tensor:
-    """The loss gradient of a linear's weight as [out, in] (transposed for Conv1D)."""
-    weight = weight_matrix(module)
-    grad = module.weight.grad
-    return grad.t() if grad.shape != weight.shape else grad
+def _as_matrix(module: nn.Module, tensor: torch.Tensor) -> torch.Tensor:
+    """A weight-shaped tensor of `module` as [out, in] (transposed for Conv1D)."""
+    return tensor.t() if tensor.shape != weight_matrix(module).shape else tensor
+
+
+def salience(
+    weight: torch.Tensor, grad: torch.Tensor, fisher: torch.Tensor | None, order: str
+) -> torch.Tensor:
+    """Per-weight Taylor salience [out, in] (float32) of the given order."""
+    w = weight.float()
+    if order == "first":
+        return w * grad.float()
+    second = w * fisher.float() * w
+    return second if order == "second" else w * grad.float() - 0.5 * second
 
 
 def taylor_scores(
-    adapter: ModelAdapter, block: nn.Module, importance: str, aggregation: str
+    adapter: ModelAdapter,
+    block: nn.Module,
+    config: LLMPrunerConfig,
+    fisher: dict[str, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(KV group scores, MLP channel scores) from the gradients held in `block`."""
+    """(KV group scores [kv_heads], MLP channel scores [intermediate]) from the gradients
+    held in `block` and, for second-order saliences, its Fisher diagonals by role."""
+    where = structure_ids(adapter, block)
+    lines = {}
+    for role in adapter.spec.linears:
+        module = adapter.linear(block, role)
+        grad = _as_matrix(module, module.weight.grad)
+        s = salience(weight_matrix(module), grad, None if fisher is None else fisher[role],
+                     config.order)  # fmt: skip
+        along = 1 - where[role].axis  # reduce the other axis: one value per row or column
+        lines[role] = s.abs().sum(along) if config.importance == "element" else s.sum(along).abs()
+    per_channel = channel_lines(adapter, block, lines)
+    per_channel = {role: v.double() for role, v in per_channel.items()}
+    how = config.aggregation
+    return combine(per_channel, ATTENTION, how).sum(1), combine(per_channel, MLP, how).sum(1)
 
-    def product(role: str, module: nn.Module, weight: torch.Tensor) -> torch.Tensor:
-        wg = weight.float() * _grad_matrix(module).float()
-        return wg.abs() if importance == "element" else wg
 
-    per_role = structure_sums(adapter, block, linear_values(adapter, block, product))
-    if importance == "vector":
-        per_role = {role: s.abs() for role, s in per_role.items()}
-    per_role = {role: s.double() for role, s in per_role.items()}
-    return combine(per_role, ATTENTION, aggregation), combine(per_role, MLP, aggregation)
+def fisher_diagonals(
+    adapter: ModelAdapter, calib: torch.Tensor, device: str, batch_size: int
+) -> dict[int, dict[str, torch.Tensor]]:
+    """Per block and role, the mean over windows of the squared gradient of each window's
+    loss (the reference's `acc_grad`), as [out, in] float32."""
+    fisher: dict[int, dict[str, torch.Tensor]] = {}
+    n = calib.shape[0]
+
+    def accumulate(index: int, block: nn.Module) -> None:
+        into = fisher.setdefault(index, {})
+        for role in adapter.spec.linears:
+            module = adapter.linear(block, role)
+            g2 = _as_matrix(module, module.weight.grad).float().square() / n
+            into[role] = into[role] + g2 if role in into else g2
+
+    for w in range(n):
+        blockwise_lm_gradients(adapter, calib[w : w + 1], accumulate, device, batch_size)
+    return fisher
 
 
 @register
 class LLMPruner(StructuredMethod):
     name = "llm_pruner"
-    summary = "first-order Taylor importance |W·dL/dW| of coupled groups (GQA-aware)"
+    summary = "Taylor importance (first/second order) of coupled groups (GQA-aware)"
     Config = LLMPrunerConfig
+    floor_groups = True  # the reference floors the number of pruned heads
 
     def block_scores(
         self, lm: LoadedModel, calib: torch.Tensor | None, request: PruneRequest, dense: bool
@@ -98,9 +147,14 @@ class LLMPruner(StructuredMethod):
             raise PrunekitError("method 'llm_pruner' needs calibration data")
         adapter = lm.adapter
         scores: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        fisher = None
+        if config.order != "first":
+            fisher = fisher_diagonals(adapter, calib, request.device, request.batch_size)
 
         def on_block(index: int, block: nn.Module) -> None:
-            scores[index] = taylor_scores(adapter, block, config.importance, config.aggregation)
+            scores[index] = taylor_scores(
+                adapter, block, config, None if fisher is None else fisher.pop(index)
+            )
 
         self.loss = blockwise_lm_gradients(
             adapter, calib, on_block, request.device, request.batch_size
