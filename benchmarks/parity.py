@@ -32,12 +32,16 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-CONFIGS = [  # (name, method, pattern)
-    ("wanda-50", "wanda", "unstructured"),
-    ("wanda-2:4", "wanda", "2:4"),
-    ("sparsegpt-50", "sparsegpt", "unstructured"),
-    ("sparsegpt-2:4", "sparsegpt", "2:4"),
-    ("magnitude-50", "magnitude", "unstructured"),
+CONFIGS = [  # (name, method, pattern, prunekit's compute dtype)
+    ("wanda-50", "wanda", "unstructured", "auto"),
+    ("wanda-2:4", "wanda", "2:4", "auto"),
+    ("sparsegpt-50", "sparsegpt", "unstructured", "auto"),
+    ("sparsegpt-2:4", "sparsegpt", "2:4", "auto"),
+    ("magnitude-50", "magnitude", "unstructured", "auto"),
+    ("wanda-50-bf16", "wanda", "unstructured", "bfloat16"),
+    ("wanda-2:4-bf16", "wanda", "2:4", "bfloat16"),
+    ("sparsegpt-50-bf16", "sparsegpt", "unstructured", "bfloat16"),
+    ("sparsegpt-2:4-bf16", "sparsegpt", "2:4", "bfloat16"),
 ]
 NSAMPLES, SEQLEN = 64, 512
 
@@ -75,7 +79,9 @@ def save_linears(model, path: Path) -> None:
     save_file(weights, str(path))
 
 
-def run_prunekit(work: Path, method: str, pattern: str, threads: int, out: Path) -> None:
+def run_prunekit(
+    work: Path, method: str, pattern: str, threads: int, out: Path, compute_dtype: str
+) -> None:
     import hashlib
 
     import torch
@@ -94,6 +100,7 @@ def run_prunekit(work: Path, method: str, pattern: str, threads: int, out: Path)
         nsamples=NSAMPLES,
         seqlen=SEQLEN,
         seed=0,
+        compute_dtype=compute_dtype,
     )
     saved = torch.load(work / "calib.pt", weights_only=True)
     sha = hashlib.sha256(saved.numpy().tobytes()).hexdigest()
@@ -148,15 +155,18 @@ def reference_magnitude(work: Path, out: Path) -> None:
 # -- comparison ---------------------------------------------------------------------------
 
 
-def compare(work: Path, name: str, eval_limit: int | None, datasets: list[str]) -> dict:
-    """Mask agreement and perplexity of the two weight files of configuration `name`."""
+def compare(
+    work: Path, name: str, reference: str, eval_limit: int | None, datasets: list[str]
+) -> dict:
+    """Mask agreement and perplexity of prunekit's weights for configuration `name` and
+    the reference's weights of configuration `reference`."""
     from safetensors.torch import load_file
 
     import prunekit
     import prunekit.api  # noqa: F401
 
     ours = load_file(str(work / f"prunekit-{name}.safetensors"))
-    theirs = load_file(str(work / f"reference-{name}.safetensors"))
+    theirs = load_file(str(work / f"reference-{reference}.safetensors"))
     same = total = 0
     for key, w in ours.items():
         same += int(((w == 0) == (theirs[key] == 0)).sum())
@@ -173,10 +183,13 @@ def compare(work: Path, name: str, eval_limit: int | None, datasets: list[str]) 
     return result
 
 
-def timed(cmd: list[str]) -> float:
-    """Wall seconds of a whole subprocess; its failure stops the benchmark."""
+def timed(cmd: list[str], log: Path) -> float:
+    """Wall seconds of a whole subprocess (its output to `log`); a failure stops the run."""
     start = time.perf_counter()
-    subprocess.run(cmd, check=True)
+    with log.open("w") as sink:
+        done = subprocess.run(cmd, stdout=sink, stderr=subprocess.STDOUT)
+    if done.returncode:
+        raise SystemExit(f"{' '.join(cmd)} failed; see {log}")
     return time.perf_counter() - start
 
 
@@ -191,13 +204,14 @@ def main() -> None:
     parser.add_argument("--datasets", default="wikitext2,ptb")
     parser.add_argument("--name", default="parity")
     parser.add_argument("--job", nargs=4, metavar=("TOOL", "METHOD", "PATTERN", "OUT"))
-    parser.add_argument("--compare", metavar="NAME")
+    parser.add_argument("--compute-dtype", default="auto")
+    parser.add_argument("--compare", nargs=2, metavar=("NAME", "REFERENCE"))
     args = parser.parse_args()
     work = args.work
     if args.job:
         tool, method, pattern, out = args.job
         if tool == "prunekit":
-            run_prunekit(work, method, pattern, args.threads, Path(out))
+            run_prunekit(work, method, pattern, args.threads, Path(out), args.compute_dtype)
         elif tool == "llmcompressor":
             run_llmcompressor(work, method, pattern, args.threads, Path(out))
         else:
@@ -205,7 +219,8 @@ def main() -> None:
         return
     datasets = args.datasets.split(",")
     if args.compare:
-        print(json.dumps(compare(work, args.compare, args.eval_limit, datasets)))
+        name, reference = args.compare
+        print(json.dumps(compare(work, name, reference, args.eval_limit, datasets)))
         return
 
     work.mkdir(parents=True, exist_ok=True)
@@ -213,26 +228,33 @@ def main() -> None:
     me = [__file__, "--work", str(work), "--threads", str(args.threads)]
     rows = []
     wanted = args.configs.split(",")
-    for name, method, pattern in (c for c in CONFIGS if c[0] in wanted):
+    reference_times: dict[str, list[float]] = {}  # reference config -> wall times
+    for name, method, pattern, dtype in (c for c in CONFIGS if c[0] in wanted):
         ref_tool = "reference" if method == "magnitude" else "llmcompressor"
         ref_python = sys.executable if method == "magnitude" else args.lc_python
-        times: dict[str, list[float]] = {"prunekit": [], ref_tool: []}
+        ref_name = name.removesuffix("-bf16")  # the reference always computes in float32
+        ours: list[float] = []
         for _ in range(args.repeats):  # back to back, alternating
-            for tool, python in (("prunekit", sys.executable), (ref_tool, ref_python)):
-                file = "prunekit" if tool == "prunekit" else "reference"
-                out = work / f"{file}-{name}.safetensors"
-                job = [python, *me, "--job", tool, method, pattern, str(out)]
-                times[tool].append(timed(job))
-                print(f"{name}: {tool} {times[tool][-1]:.1f} s", flush=True)
-        cmd = [sys.executable, *me, "--compare", name, "--datasets", args.datasets]
+            out = work / f"prunekit-{name}.safetensors"
+            job = [sys.executable, *me, "--compute-dtype", dtype, "--job", "prunekit"]
+            ours.append(timed([*job, method, pattern, str(out)], out.with_suffix(".log")))
+            print(f"{name}: prunekit {ours[-1]:.1f} s", flush=True)
+            if len(reference_times.get(ref_name, [])) < args.repeats:
+                out = work / f"reference-{ref_name}.safetensors"
+                job = [ref_python, *me, "--job", ref_tool, method, pattern, str(out)]
+                seconds = timed(job, out.with_suffix(".log"))
+                reference_times.setdefault(ref_name, []).append(seconds)
+                print(f"{ref_name}: {ref_tool} {reference_times[ref_name][-1]:.1f} s", flush=True)
+        cmd = [sys.executable, *me, "--compare", name, ref_name, "--datasets", args.datasets]
         if args.eval_limit:
             cmd += ["--eval-limit", str(args.eval_limit)]
         scores = json.loads(subprocess.run(cmd, check=True, capture_output=True).stdout)
         row = {
             "config": name,
+            "compute_dtype": dtype,
             "reference": ref_tool,
-            "prunekit_wall_s": statistics.median(times["prunekit"]),
-            "reference_wall_s": statistics.median(times[ref_tool]),
+            "prunekit_wall_s": statistics.median(ours),
+            "reference_wall_s": statistics.median(reference_times[ref_name]),
             **scores,
         }
         row["wall_ratio"] = row["prunekit_wall_s"] / row["reference_wall_s"]
@@ -256,16 +278,17 @@ def main() -> None:
 
 
 def markdown(rows: list[dict], meta: dict, datasets: list[str]) -> str:
-    head = "| config | compared with | mask agreement | " + " | ".join(
+    head = "| config | prunekit compute | compared with | mask agreement | " + " | ".join(
         f"{d} prunekit / ref" for d in datasets
     )
     head += " | wall prunekit / ref (s) | ratio |\n"
-    head += "|---" * (5 + len(datasets)) + "|\n"
+    head += "|---" * (6 + len(datasets)) + "|\n"
     lines = []
     for r in rows:
         ppl = " | ".join(f"{r[f'prunekit_{d}']:.3f} / {r[f'reference_{d}']:.3f}" for d in datasets)
         lines.append(
-            f"| {r['config']} | {r['reference']} | {r['mask_agreement']:.4%} | {ppl} | "
+            f"| {r['config']} | {r['compute_dtype']} | {r['reference']} | "
+            f"{r['mask_agreement']:.2%} | {ppl} | "
             f"{r['prunekit_wall_s']:.1f} / {r['reference_wall_s']:.1f} | {r['wall_ratio']:.2f} |"
         )
     notes = "\n".join(f"- {k}: {v}" for k, v in meta.items())

@@ -12,7 +12,7 @@ import torch
 
 from prunekit.allocations import Allocation, allocate, get_allocation
 from prunekit.data import DATASETS, calibration_windows, check_dataset, check_protocol, load_text
-from prunekit.engine.runner import PROPAGATION
+from prunekit.engine.runner import COMPUTE_DTYPES, PROPAGATION
 from prunekit.errors import PrunekitError, choice_error
 from prunekit.eval.perplexity import perplexity
 from prunekit.eval.tasks import TASKS, canonical_task
@@ -28,7 +28,7 @@ from prunekit.export.record import (
 from prunekit.methods import LayerwiseMethod, Method, MethodConfig, PruneRequest, get_method
 from prunekit.methods.unstructured.updates import WeightUpdate, get_update
 from prunekit.models.adapter import weight_matrix
-from prunekit.models.loading import LoadedModel, load_model, load_pruned
+from prunekit.models.loading import LoadedModel, check_dtype, load_model, load_pruned
 from prunekit.surgery.masks import SCOPES, Pattern, check_sparsity
 
 __all__ = [
@@ -37,6 +37,7 @@ __all__ = [
     "check_run",
     "check_seqlen",
     "default_eval_seqlen",
+    "check_dtype",
     "check_protocol",
     "evaluate",
     "is_zeroshot_task",
@@ -109,6 +110,16 @@ def check_device(device: str) -> str:
     return device
 
 
+def check_compute_dtype(method: type[Method], compute_dtype: str) -> None:
+    """Refuse an unknown precision, or a lower one for a method that cannot use it."""
+    if compute_dtype not in COMPUTE_DTYPES:
+        raise choice_error("compute dtype", compute_dtype, COMPUTE_DTYPES)
+    if compute_dtype != "auto" and not method.compute_dtypes:
+        raise PrunekitError(
+            f"method {method.name!r} computes in the weights' dtype; valid compute dtype: auto"
+        )
+
+
 def check_run(device: str, batch_size: int) -> None:
     """The run options `run_plan` takes, checked before any model loads."""
     check_device(device)
@@ -154,7 +165,9 @@ class PrunePlan:
             return self.method(self.config)
         return self.method(self.config, update=self.update)
 
-    def make_request(self, seed: int, device: str, batch_size: int) -> PruneRequest:
+    def make_request(
+        self, seed: int, device: str, batch_size: int, compute_dtype: str = "auto"
+    ) -> PruneRequest:
         """The request every method reads (per-block ratios are added by the allocation)."""
         return PruneRequest(
             sparsity=self.sparsity,
@@ -164,6 +177,7 @@ class PrunePlan:
             batch_size=batch_size,
             seed=seed,
             propagate=self.propagate,
+            compute_dtype=compute_dtype,
         )
 
 
@@ -291,6 +305,7 @@ def prune(
     update: str = "none",
     update_options: dict[str, Any] | None = None,
     protocol: str = "reference",
+    compute_dtype: str = "auto",
 ) -> PruneRecord:
     """Plan (`plan_prune`) and run (`run_plan`) a pruning of `lm.model` in place.
 
@@ -304,6 +319,9 @@ def prune(
     write `method="wanda+admm"`), with `update_options` its own options.
     `protocol` cuts the calibration windows: "reference" (random crops of the token
     stream, as the papers do) or "bos" (BOS first in every window).
+    `compute_dtype` "bfloat16" / "float16" runs the calibration forwards under autocast
+    (about 2x faster on CPUs with AVX-512 BF16; statistics and solves stay float32);
+    "auto" computes in the weights' dtype.
     """
     plan = plan_prune(
         method,
@@ -326,6 +344,7 @@ def prune(
         device=device,
         batch_size=batch_size,
         protocol=protocol,
+        compute_dtype=compute_dtype,
     )
 
 
@@ -354,20 +373,23 @@ def run_plan(
     device: str = "cpu",
     batch_size: int = 8,
     protocol: str = "reference",
+    compute_dtype: str = "auto",
 ) -> PruneRecord:
     """Prune `lm.model` in place as `plan` (from `plan_prune`) says; return how it was done.
 
     `seqlen` is the calibration window length (tokens), `seed` seeds every random choice,
     `device` is where the current block computes, `batch_size` windows per forward pass,
-    `protocol` how calibration windows are cut ("reference" or "bos").
+    `protocol` how calibration windows are cut ("reference" or "bos"), `compute_dtype` the
+    precision of calibration forwards ("auto", "bfloat16", "float16").
     """
     check_protocol(protocol)
     check_run(device, batch_size)
+    check_compute_dtype(plan.method, compute_dtype)
     _at_least("seed", seed, 0)
     check_seqlen(lm, seqlen)
     if plan.pattern.is_nm:
         _check_nm_shapes(lm, plan.pattern)
-    request = plan.make_request(seed, device, batch_size)
+    request = plan.make_request(seed, device, batch_size, compute_dtype)
 
     start = time.perf_counter()
     torch.manual_seed(seed)
@@ -385,6 +407,7 @@ def run_plan(
     request_dict["pattern"] = str(plan.pattern)
     request_dict["allocation"] = plan.allocation.spec
     request_dict["update"] = plan.update.name if plan.update else "none"
+    request_dict["dtype"] = str(next(lm.model.parameters()).dtype).removeprefix("torch.")
     return PruneRecord(
         source_model=lm.source,
         method=plan.method.name,

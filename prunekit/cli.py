@@ -168,6 +168,10 @@ def _outcome(record: PruneRecord) -> str:
 @app.command()
 def prune(
     model: str = typer.Argument(..., help="HF folder, hub id, .gguf file, or alias"),
+    dtype: str = typer.Option(
+        "auto",
+        help="weights in memory and on disk: auto (the checkpoint's), float32, bfloat16, float16",
+    ),
     method: str = typer.Option("wanda", help="pruning method (see `prunekit methods`)"),
     sparsity: float | None = typer.Option(
         None,
@@ -188,6 +192,9 @@ def prune(
     seed: int = typer.Option(0, help="seed of every random choice"),
     device: str = typer.Option("cpu", help="compute device for the current block"),
     batch_size: int = typer.Option(8, help="windows per forward pass"),
+    compute_dtype: str = typer.Option(
+        "auto", help="calibration forwards: auto (the weights' dtype), bfloat16, float16"
+    ),
     propagate: str = typer.Option(
         "pruned", help="calibrate each block on the pruned or the dense previous outputs"
     ),
@@ -237,12 +244,14 @@ def prune(
     )
     api.check_protocol(ppl_protocol)
     api.check_run(device, batch_size)
+    api.check_compute_dtype(plan.method, compute_dtype)
+    api.check_dtype(dtype)
     if eval_limit is not None and eval_limit < 1:
         raise PrunekitError(f"--eval-limit must be at least 1, got {eval_limit}")
     tasks = _split(eval)
     for task in tasks:
         api.check_evaluation_name(task)
-    lm = api.load_model(model, device="cpu")
+    lm = api.load_model(model, dtype=dtype, device="cpu")
     if tasks:
         eval_seqlen = eval_seqlen or api.default_eval_seqlen(lm)
         api.check_seqlen(lm, eval_seqlen, "--eval-seqlen")
@@ -255,6 +264,7 @@ def prune(
         device=device,
         batch_size=batch_size,
         protocol=ppl_protocol,
+        compute_dtype=compute_dtype,
     )
     if tasks:
         pruned = api.evaluate(lm, tasks, eval_seqlen, eval_limit, protocol=ppl_protocol)
@@ -277,6 +287,9 @@ def prune(
 @app.command("eval")
 def evaluate(
     model: str = typer.Argument(..., help="HF folder, hub id, .gguf file, alias, or pruned dir"),
+    dtype: str = typer.Option(
+        "auto", help="weights' dtype: auto (the checkpoint's), float32, bfloat16, float16"
+    ),
     tasks: str = typer.Option(
         "wikitext2", help="comma-separated perplexity datasets and zero-shot tasks"
     ),
@@ -312,7 +325,8 @@ def evaluate(
         raise PrunekitError(f"--limit must be at least 1, got {limit}")
     if batch_size is not None and batch_size < 1:
         raise PrunekitError(f"--batch-size must be at least 1, got {batch_size}")
-    lm = api.load_model(model)
+    api.check_dtype(dtype)
+    lm = api.load_model(model, dtype=dtype)
     seqlen = seqlen or api.default_eval_seqlen(lm)
     api.check_seqlen(lm, seqlen, "--seqlen")
     results = api.evaluate(lm, names, seqlen, limit, batch_size, backend, ppl_protocol)

@@ -43,7 +43,12 @@ def outlier_ratio(scores: list[torch.Tensor], m: float) -> float:
 
 @torch.no_grad()
 def block_outlier_ratios(
-    adapter: ModelAdapter, calib: torch.Tensor, m: float, device: str, batch_size: int
+    adapter: ModelAdapter,
+    calib: torch.Tensor,
+    m: float,
+    device: str,
+    batch_size: int,
+    compute_dtype: str = "auto",
 ) -> list[float]:
     """Outlier ratio of each block's Wanda scores, from a dense sequential pass."""
     runner = SequentialRunner(
@@ -54,6 +59,7 @@ def block_outlier_ratios(
         propagate="dense",
         progress="owl",
         collect=("input_norm",),
+        compute_dtype=compute_dtype,
     )  # dense: statistics and outputs come from one pass per block
     ratios = []
     for ctx in runner:
@@ -124,10 +130,15 @@ class OWL(Allocation):
             raise PrunekitError(
                 f"owl with lam={cfg.lam} needs sparsity in [{cfg.lam}, {1 - cfg.lam}), got {s}"
             )
-        key = _fingerprint(lm.adapter, calib) + f"|{cfg.m}"
+        key = _fingerprint(lm.adapter, calib) + f"|{cfg.m}|{request.compute_dtype}"
         if key not in self._cache:
             self._cache[key] = block_outlier_ratios(
-                lm.adapter, calib, cfg.m, request.device, request.batch_size
+                lm.adapter,
+                calib,
+                cfg.m,
+                request.device,
+                request.batch_size,
+                request.compute_dtype,
             )
         outliers = self._cache[key]
         ratios = owl_ratios(outliers, s, cfg.lam, cfg.mapping)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import ctypes
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 from torch import nn
@@ -21,6 +21,16 @@ from prunekit.progress import progress as tqdm
 
 LayerStats = dict[str, torch.Tensor]  # collector name -> statistic
 PROPAGATION = ("pruned", "dense")
+COMPUTE_DTYPES = ("auto", "bfloat16", "float16")
+
+
+def compute_precision(device: torch.device, compute_dtype: str):
+    """The context block forwards run in: the weights' own dtype ("auto"), or autocast to
+    bfloat16 / float16 (matmuls in that dtype; the residual stream, the statistics and
+    every solve stay float32)."""
+    if compute_dtype == "auto":
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype=getattr(torch, compute_dtype))
 
 
 class BlockContext:
@@ -153,6 +163,8 @@ class SequentialRunner:
     dense propagation that happens in the same pass that computes the block's outputs, so
     each block runs once. `overwrite_inputs=True` lets a block's outputs overwrite its
     inputs (one activation buffer instead of two) for callers that keep no `ctx.inputs`.
+    `compute_dtype` ("auto", "bfloat16", "float16") is the precision of block forwards
+    (`compute_precision`).
     """
 
     def __init__(
@@ -165,9 +177,13 @@ class SequentialRunner:
         progress: str | None = "blocks",
         collect: tuple[str, ...] = (),
         overwrite_inputs: bool = False,
+        compute_dtype: str = "auto",
     ):
         if propagate not in PROPAGATION:
             raise choice_error("propagation", propagate, PROPAGATION)
+        if compute_dtype not in COMPUTE_DTYPES:
+            raise choice_error("compute dtype", compute_dtype, COMPUTE_DTYPES)
+        self.compute_dtype = compute_dtype
         self.adapter = adapter
         self.device = torch.device(device)
         self.batch_size = batch_size
@@ -195,10 +211,11 @@ class SequentialRunner:
         block = self.adapter.blocks[index]
         call = self.block_call(hidden.shape[0], index)
         args = (hidden, *call.args)
-        if weights:
-            out = torch.func.functional_call(block, weights, args, call.kwargs)
-        else:
-            out = block(*args, **call.kwargs)
+        with compute_precision(self.device, self.compute_dtype):
+            if weights:
+                out = torch.func.functional_call(block, weights, args, call.kwargs)
+            else:
+                out = block(*args, **call.kwargs)
         return out[0] if isinstance(out, tuple) else out
 
     @torch.no_grad()

@@ -31,7 +31,9 @@ class PruneRequest:
     `sparsity` is the mean target (share of weights zeroed, or of structure removed);
     `layer_sparsity` optionally gives one ratio per block (allocation). `propagate` says
     whether block i+1 is calibrated on the pruned ("pruned", as the papers do) or the dense
-    ("dense", one pass per block) outputs of block i.
+    ("dense", one pass per block) outputs of block i. `compute_dtype` is the precision of
+    the calibration forwards ("auto": the weights' dtype; "bfloat16" / "float16":
+    autocast, statistics and solves still float32).
     """
 
     sparsity: float
@@ -42,6 +44,7 @@ class PruneRequest:
     seed: int = 0
     propagate: str = "pruned"
     layer_sparsity: list[float] | None = None
+    compute_dtype: str = "auto"
 
     def target(self, block_index: int) -> Target:
         ratio = self.layer_sparsity[block_index] if self.layer_sparsity else self.sparsity
@@ -65,6 +68,10 @@ class Method:
     default_scope: ClassVar[str] = "row"
     # why a non-uniform `--allocation` does not apply to this method (None: it does)
     no_allocation: ClassVar[str | None] = None
+    # whether its calibration forwards run through the engine at a chosen precision
+    # (`PruneRequest.compute_dtype`); methods that need float32 gradients or their own
+    # forwards say False and run in the weights' dtype
+    compute_dtypes: ClassVar[bool] = False
     # what `--sparsity` means for this method (shown by `prunekit methods` and --help)
     sparsity_meaning: ClassVar[str] = "share of weights zeroed in every pruned linear"
 

@@ -17,7 +17,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 from transformers.utils import logging as hf_logging
 
 from prunekit import settings
-from prunekit.errors import PrunekitError
+from prunekit.errors import PrunekitError, choice_error
 from prunekit.models.adapter import ModelAdapter, context_length
 from prunekit.models.families import adapter_for, family_of
 
@@ -152,16 +152,40 @@ def inspect_model(source: str) -> ModelFacts:
     return ModelFacts(str(source), config.model_type, context_length(config))
 
 
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def check_dtype(dtype: str | torch.dtype) -> str | torch.dtype:
+    """`dtype` if it is a torch floating dtype or one of `DTYPES`, else a one-line error."""
+    if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+        return dtype
+    if isinstance(dtype, str) and dtype in DTYPES:
+        return dtype
+    raise choice_error("dtype", str(dtype), DTYPES)
+
+
+def resolve_dtype(dtype: str | torch.dtype, gguf: bool) -> str | torch.dtype:
+    """What `from_pretrained` gets: "auto" is the checkpoint's own dtype (a GGUF file is
+    dequantised to float32), a name is that torch dtype."""
+    dtype = check_dtype(dtype)
+    if dtype == "auto":
+        return torch.float32 if gguf else "auto"
+    return getattr(torch, dtype) if isinstance(dtype, str) else dtype
+
+
 def load_model(
-    source: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+    source: str, dtype: str | torch.dtype = "auto", device: str | torch.device = "cpu"
 ) -> LoadedModel:
     """Load `source` (HF folder, hub id, .gguf file, or alias) for pruning.
 
+    `dtype` is the weights' dtype in memory and on disk: "auto" (the checkpoint's own;
+    GGUF files dequantise to float32), "float32", "bfloat16", "float16" or a torch dtype.
     A folder written by prunekit with per-layer widths or sliced by SliceGPT is handed
     to `load_pruned`.
     """
     if not isinstance(source, (str, Path)):
         raise PrunekitError(f"model must be a folder, hub id, .gguf path or alias, got {source!r}")
+    check_dtype(dtype)
     _quiet()
     try:
         where, extra = _resolve(str(source))
@@ -169,7 +193,9 @@ def load_model(
             return load_pruned(where, dtype=dtype, device=device)
         if "gguf_file" not in extra:
             family_of(_read_model_type(where, extra))  # fails early, naming supported ones
-        model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **extra)
+        model = AutoModelForCausalLM.from_pretrained(
+            where, dtype=resolve_dtype(dtype, "gguf_file" in extra), **extra
+        )
         tokenizer = AutoTokenizer.from_pretrained(where, **extra)
     except PrunekitError:
         raise
@@ -220,13 +246,15 @@ def _sliced_class(config: object, path: str | Path) -> type:
 
 
 def load_pruned(
-    path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+    path: str | Path, dtype: str | torch.dtype = "auto", device: str | torch.device = "cpu"
 ) -> LoadedModel:
     """Load a folder written by prunekit, standard or per-layer widths, without running
     the folder's code (the per-layer class is prunekit's own copy of `modeling_prunekit.py`).
+    `dtype` as for `load_model` ("auto": the dtype it was saved in).
     """
     import transformers
 
+    dtype = resolve_dtype(dtype, gguf=False)
     from prunekit.models.pruned_modeling import pruned_class
 
     folder = Path(path).expanduser()

@@ -112,6 +112,7 @@ def exact_counts(wanted: list[torch.Tensor], widths: list[int], total: int) -> l
 class Besa(LayerwiseMethod):
     name = "besa"
     summary = "learned per-layer/row sparsity from block reconstruction, straight-through masks"
+    compute_dtypes = False  # its mask training runs in the weights' dtype
     needs = ("input_norm",)
     supports_nm = False
     Config = BesaConfig

@@ -34,6 +34,8 @@ class LayerwiseMethod(Method):
     `update`, when given, runs after `prune_block` on every linear of the block.
     """
 
+    compute_dtypes = True
+
     needs: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: MethodConfig | None = None, update: WeightUpdate | None = None):
@@ -62,6 +64,7 @@ class LayerwiseMethod(Method):
             propagate=request.propagate,
             collect=tuple(self.statistics()),
             overwrite_inputs=True,
+            compute_dtype=request.compute_dtype,
         )
         errors: list[dict[str, float]] = []
         for ctx in runner:

@@ -132,6 +132,8 @@ def check_reachable(method: str, sparsity: float, most: float, floor: str) -> No
 class StructuredMethod(Method):
     """Base of width-pruning methods: implement `score` (or `block_scores` for more)."""
 
+    compute_dtypes = True
+
     kind = "structured"
     supports_nm = False
     sparsity_meaning: ClassVar[str] = "share of decoder-block parameters removed"
@@ -174,6 +176,7 @@ class StructuredMethod(Method):
             device=request.device,
             batch_size=request.batch_size,
             propagate="dense" if dense else "pruned",
+            compute_dtype=request.compute_dtype,
         )
         for ctx in runner:
             modules = None

@@ -138,6 +138,7 @@ class LLMPruner(StructuredMethod):
     summary = "Taylor importance (first/second order) of coupled groups (GQA-aware)"
     Config = LLMPrunerConfig
     floor_groups = True  # the reference floors the number of pruned heads
+    compute_dtypes = False  # its gradients are float32
 
     def block_scores(
         self, lm: LoadedModel, calib: torch.Tensor | None, request: PruneRequest, dense: bool
