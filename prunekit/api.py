@@ -25,10 +25,24 @@ from prunekit.export.record import (
     overall_sparsity,
     peak_rss_mb,
 )
-from prunekit.methods import LayerwiseMethod, Method, MethodConfig, PruneRequest, get_method
+from prunekit.methods import (
+    REGISTRY,
+    LayerwiseMethod,
+    Method,
+    MethodConfig,
+    PruneRequest,
+    get_method,
+)
 from prunekit.methods.unstructured.updates import WeightUpdate, get_update
 from prunekit.models.adapter import weight_matrix
-from prunekit.models.loading import LoadedModel, check_dtype, load_model, load_pruned
+from prunekit.models.loading import (
+    LoadedModel,
+    check_dtype,
+    load_model,
+    load_pruned,
+    safetensors_folder,
+)
+from prunekit.models.offload import checkpoint_files, file_bytes
 from prunekit.surgery.masks import SCOPES, Pattern, check_sparsity
 
 __all__ = [
@@ -117,6 +131,70 @@ def check_compute_dtype(method: type[Method], compute_dtype: str) -> None:
     if compute_dtype != "auto" and not method.compute_dtypes:
         raise PrunekitError(
             f"method {method.name!r} computes in the weights' dtype; valid compute dtype: auto"
+        )
+
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}  # fmt: skip
+
+
+def parse_memory(text: str) -> int:
+    """Bytes in a size such as "4GiB", "512MB" or "2000000000"."""
+    number = text.strip().rstrip("bBiIkKmMgGtT")
+    unit = text.strip()[len(number) :].lower()
+    try:
+        value = float(number)
+    except ValueError:
+        value = -1.0
+    if value <= 0 or unit not in _UNITS:
+        raise PrunekitError(f"memory size {text!r} not understood; valid: e.g. 4GiB, 512MB, 8GB")
+    return int(value * _UNITS[unit])
+
+
+def gib(n: int) -> str:
+    """A byte count for people: GiB from 1 GiB up, MiB below."""
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.2f} MiB"
+
+
+def checkpoint_bytes(source: str) -> int:
+    """Size on disk of `source`'s safetensors weights (a GGUF file is converted first)."""
+    return file_bytes(checkpoint_files(safetensors_folder(source)))
+
+
+def check_offload(plan: PrunePlan, out: Path | None, tasks: list[str]) -> None:
+    """What `--offload disk` needs: a method that works block by block, an output folder
+    to write the blocks to, and no in-memory evaluation."""
+    if not plan.method.streams:
+        streaming = sorted(n for n, m in REGISTRY.items() if m.streams)
+        raise PrunekitError(
+            f"method {plan.method.name!r} needs the whole model in memory; with --offload disk "
+            f"use one of: {', '.join(streaming)}"
+        )
+    if out is None:
+        raise PrunekitError("--offload disk writes each pruned block to --out; give --out DIR")
+    if tasks:
+        raise PrunekitError(
+            "--offload disk keeps no block in memory to evaluate; drop --eval and run "
+            "`prunekit eval` on the saved folder"
+        )
+
+
+def check_offload_budget(lm: LoadedModel, nsamples: int, seqlen: int, budget: int) -> None:
+    """Refuse a memory budget below one streamed step: the head, one block, its float32
+    working copy of the widest linear, and the activations [nsamples, seqlen, hidden]."""
+    offload = lm.adapter.offload
+    head = sum(t.numel() * t.element_size() for t in lm.model.state_dict().values()
+               if not t.is_meta)  # fmt: skip
+    block = max(offload.block_bytes(i) for i in range(len(lm.adapter.blocks)))
+    widest = max(m.weight.numel() for m in lm.adapter.linears(lm.adapter.blocks[0]).values())
+    hidden = lm.model.config.hidden_size
+    activations = nsamples * seqlen * hidden * 4
+    need = head + block + 2 * 4 * widest + activations
+    if need > budget:
+        raise PrunekitError(
+            f"--max-memory {gib(budget)} is below one streamed step: head {gib(head)} + one "
+            f"block {gib(block)} + float32 work {gib(8 * widest)} + activations "
+            f"{gib(activations)} = {gib(need)}; valid: at least {gib(need)}"
         )
 
 
@@ -385,6 +463,8 @@ def run_plan(
     check_protocol(protocol)
     check_run(device, batch_size)
     check_compute_dtype(plan.method, compute_dtype)
+    if lm.adapter.offload is not None and not plan.method.streams:
+        check_offload(plan, Path("."), [])
     _at_least("seed", seed, 0)
     check_seqlen(lm, seqlen)
     if plan.pattern.is_nm:
@@ -408,6 +488,7 @@ def run_plan(
     request_dict["allocation"] = plan.allocation.spec
     request_dict["update"] = plan.update.name if plan.update else "none"
     request_dict["dtype"] = str(next(lm.model.parameters()).dtype).removeprefix("torch.")
+    request_dict["offload"] = "none" if lm.adapter.offload is None else "disk"
     return PruneRecord(
         source_model=lm.source,
         method=plan.method.name,
@@ -463,6 +544,10 @@ def evaluate(
     if isinstance(tasks, str):
         tasks = [tasks]
     _typed("tasks", tasks, (list, tuple), "a task name or a list of them")
+    if lm.adapter.offload is not None:
+        raise PrunekitError(
+            "this model's blocks are on disk (offload); save it and evaluate the saved folder"
+        )
     if not tasks:
         raise PrunekitError("no task given; name perplexity datasets or zero-shot tasks")
     if limit is not None:

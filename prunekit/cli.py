@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -195,6 +196,12 @@ def prune(
     compute_dtype: str = typer.Option(
         "auto", help="calibration forwards: auto (the weights' dtype), bfloat16, float16"
     ),
+    offload: str = typer.Option(
+        "none", help="none, or disk: stream blocks from the checkpoint and write them to --out"
+    ),
+    max_memory: str | None = typer.Option(
+        None, help="memory budget, e.g. 4GiB: streams from disk when the model does not fit"
+    ),
     propagate: str = typer.Option(
         "pruned", help="calibrate each block on the pruned or the dense previous outputs"
     ),
@@ -251,36 +258,52 @@ def prune(
     tasks = _split(eval)
     for task in tasks:
         api.check_evaluation_name(task)
-    lm = api.load_model(model, dtype=dtype, device="cpu")
-    if tasks:
-        eval_seqlen = eval_seqlen or api.default_eval_seqlen(lm)
-        api.check_seqlen(lm, eval_seqlen, "--eval-seqlen")
-    dense = api.evaluate(lm, tasks, eval_seqlen, eval_limit, protocol=ppl_protocol) if tasks else {}
-    record = api.run_plan(
-        lm,
-        plan,
-        seqlen=seqlen,
-        seed=seed,
-        device=device,
-        batch_size=batch_size,
-        protocol=ppl_protocol,
-        compute_dtype=compute_dtype,
-    )
-    if tasks:
-        pruned = api.evaluate(lm, tasks, eval_seqlen, eval_limit, protocol=ppl_protocol)
-        record.evaluation = {"dense": dense, "pruned": pruned}
-    typer.echo(
-        f"{method} on {model}: {_outcome(record)}, {record.wall_time_s:.1f} s, "
-        f"peak RSS {record.peak_rss_mb:.0f} MiB"
-    )
-    if record.outcome:
-        typer.echo(f"  {record.outcome}")
-    if tasks:
-        _print_results(dense, record.evaluation["pruned"])
-    if out is not None:
-        _OUTPUTS.append(Path(out))
-        api.save(lm, out, record, overwrite)
-        typer.echo(f"saved to {out}")
+    budget = api.parse_memory(max_memory) if max_memory is not None else None
+    if offload == "none" and budget is not None and api.checkpoint_bytes(model) > budget:
+        offload = "disk"
+        typer.echo(f"the model does not fit in --max-memory {max_memory}: streaming its blocks")
+    staging = None
+    if offload == "disk":
+        api.check_offload(plan, out, tasks)
+        staging = out.with_name(f".{out.name}.offload-{os.getpid()}")
+    try:
+        lm = api.load_model(model, dtype=dtype, device="cpu", offload=offload, staging=staging)
+        if staging is not None and budget is not None:
+            api.check_offload_budget(lm, nsamples, seqlen, budget)
+        if tasks:
+            eval_seqlen = eval_seqlen or api.default_eval_seqlen(lm)
+            api.check_seqlen(lm, eval_seqlen, "--eval-seqlen")
+        dense = (
+            api.evaluate(lm, tasks, eval_seqlen, eval_limit, protocol=ppl_protocol) if tasks else {}
+        )
+        record = api.run_plan(
+            lm,
+            plan,
+            seqlen=seqlen,
+            seed=seed,
+            device=device,
+            batch_size=batch_size,
+            protocol=ppl_protocol,
+            compute_dtype=compute_dtype,
+        )
+        if tasks:
+            pruned = api.evaluate(lm, tasks, eval_seqlen, eval_limit, protocol=ppl_protocol)
+            record.evaluation = {"dense": dense, "pruned": pruned}
+        typer.echo(
+            f"{method} on {model}: {_outcome(record)}, {record.wall_time_s:.1f} s, "
+            f"peak RSS {record.peak_rss_mb:.0f} MiB"
+        )
+        if record.outcome:
+            typer.echo(f"  {record.outcome}")
+        if tasks:
+            _print_results(dense, record.evaluation["pruned"])
+        if out is not None:
+            _OUTPUTS.append(Path(out))
+            api.save(lm, out, record, overwrite)
+            typer.echo(f"saved to {out}")
+    finally:
+        if staging is not None:  # emptied by the save, or left over by a failure
+            shutil.rmtree(staging, ignore_errors=True)
     _write_json(json_path, record.as_dict())
 
 

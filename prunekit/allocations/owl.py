@@ -97,6 +97,10 @@ def owl_ratios(
 def _fingerprint(adapter: ModelAdapter, calib: torch.Tensor) -> str:
     """Identifies (weights, calibration windows) so outlier ratios can be reused."""
     digest = hashlib.sha256(calib.numpy().tobytes())
+    if adapter.offload is not None:  # blocks on disk: the checkpoint files identify them
+        for file in sorted(set(adapter.offload.files.values())):
+            digest.update(f"{file}|{file.stat().st_size}|{file.stat().st_mtime_ns}".encode())
+        return digest.hexdigest()
     for block in adapter.blocks:
         for module in adapter.linears(block).values():
             w = weight_matrix(module)

@@ -164,7 +164,9 @@ class SequentialRunner:
     each block runs once. `overwrite_inputs=True` lets a block's outputs overwrite its
     inputs (one activation buffer instead of two) for callers that keep no `ctx.inputs`.
     `compute_dtype` ("auto", "bfloat16", "float16") is the precision of block forwards
-    (`compute_precision`).
+    (`compute_precision`). When the adapter streams blocks from disk (`adapter.offload`),
+    each block is read before its step and freed after it; `writes=True` (the pass that
+    changes the blocks) first writes it, changed, to the offload's staging folder.
     """
 
     def __init__(
@@ -178,12 +180,14 @@ class SequentialRunner:
         collect: tuple[str, ...] = (),
         overwrite_inputs: bool = False,
         compute_dtype: str = "auto",
+        writes: bool = False,
     ):
         if propagate not in PROPAGATION:
             raise choice_error("propagation", propagate, PROPAGATION)
         if compute_dtype not in COMPUTE_DTYPES:
             raise choice_error("compute dtype", compute_dtype, COMPUTE_DTYPES)
         self.compute_dtype = compute_dtype
+        self.writes = writes
         self.adapter = adapter
         self.device = torch.device(device)
         self.batch_size = batch_size
@@ -248,7 +252,10 @@ class SequentialRunner:
         indices = range(len(blocks))
         if self.progress:
             indices = tqdm(indices, desc=self.progress, unit="block", leave=False)
+        offload = self.adapter.offload
         for index in indices:
+            if offload is not None:
+                offload.load(index)
             block = blocks[index]
             home = next(block.parameters()).device
             block.to(self.device)
@@ -267,6 +274,8 @@ class SequentialRunner:
             self.hidden = dense_out
             ctx.release()
             block.to(home)
+            if offload is not None:
+                offload.unload(index, keep=self.writes)
             release_free_memory()
 
 

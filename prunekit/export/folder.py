@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from prunekit.errors import PrunekitError
+from prunekit.export.shards import write_offloaded
 from prunekit.models import pruned_modeling, sliced_modeling
 from prunekit.models.adapter import ModelAdapter, weight_matrix
 from prunekit.models.loading import LoadedModel
@@ -164,15 +165,15 @@ def process_alive(pid: int) -> bool:
 
 
 def remove_stale_temporaries(out: Path) -> None:
-    """Remove `.NAME.tmp-PID-*` / `.NAME.old-PID` / `.NAME.lock` siblings of `out` left by
-    processes that no longer run (killed mid-save)."""
+    """Remove `.NAME.tmp-PID-*` / `.NAME.old-PID` / `.NAME.offload-PID` / `.NAME.lock`
+    siblings of `out` left by processes that no longer run (killed mid-save)."""
     if not out.parent.is_dir():
         return
     for path in out.parent.glob(f".{out.name}.*"):
         kind, _, rest = path.name[len(out.name) + 2 :].partition("-")
         if kind == "lock":
             pid_text = path.read_text().strip() if path.is_file() else ""
-        elif kind in ("tmp", "old"):
+        elif kind in ("tmp", "old", "offload"):
             pid_text = rest.partition("-")[0]
         else:
             continue
@@ -221,10 +222,14 @@ def save_pruned(
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(out)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
-    layout = layout_of(lm.model)
+    offloaded = lm.adapter.offload is not None
+    layout = "standard" if offloaded else layout_of(lm.model)
     try:
-        with _config_for_saving(lm.adapter, layout):
-            lm.model.save_pretrained(tmp)
+        if offloaded:
+            write_offloaded(lm, tmp)
+        else:
+            with _config_for_saving(lm.adapter, layout):
+                lm.model.save_pretrained(tmp)
         if layout == "per_layer":
             _write_modeling_file(tmp, standard_class(lm.model).__name__)
         elif layout == "sliced":

@@ -14,7 +14,6 @@ from torch import nn
 
 from prunekit.models.adapter import ModelAdapter, weight_matrix
 from prunekit.settings import VERSION
-from prunekit.surgery.masks import sparsity_of
 
 
 def versions() -> dict[str, str]:
@@ -36,23 +35,31 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def linear_zeros(adapter: ModelAdapter) -> dict[str, tuple[int, int]]:
+    """(zero weights, weights) of each prunable linear, keyed `"block.path"` (counted when
+    the block was written, for blocks streamed from disk)."""
+    if adapter.offload is not None:
+        return {
+            f"{i}.{path}": count
+            for i, per_block in sorted(adapter.offload.counts.items())
+            for path, count in per_block.items()
+        }
+    out = {}
+    for i, block in enumerate(adapter.blocks):
+        for path, module in adapter.linears(block).items():
+            w = weight_matrix(module)
+            out[f"{i}.{path}"] = (int((w == 0).sum()), w.numel())
+    return out
+
+
 def layer_sparsity(adapter: ModelAdapter) -> dict[str, float]:
     """Share of zero weights in each prunable linear, keyed `"block.path"`."""
-    return {
-        f"{i}.{path}": round(sparsity_of(weight_matrix(module)), 6)
-        for i, block in enumerate(adapter.blocks)
-        for path, module in adapter.linears(block).items()
-    }
+    return {k: round(z / max(n, 1), 6) for k, (z, n) in linear_zeros(adapter).items()}
 
 
 def overall_sparsity(adapter: ModelAdapter) -> float:
-    zeros = total = 0
-    for block in adapter.blocks:
-        for module in adapter.linears(block).values():
-            w = weight_matrix(module)
-            zeros += int((w == 0).sum())
-            total += w.numel()
-    return zeros / max(total, 1)
+    counts = linear_zeros(adapter).values()
+    return sum(z for z, _ in counts) / max(sum(n for _, n in counts), 1)
 
 
 @dataclass

@@ -72,6 +72,10 @@ class Method:
     # (`PruneRequest.compute_dtype`); methods that need float32 gradients or their own
     # forwards say False and run in the weights' dtype
     compute_dtypes: ClassVar[bool] = False
+    # whether it works on one block at a time in order, so a model whose blocks are on
+    # disk (`--offload disk`) can be pruned block by block; methods that need the whole
+    # model at once (global selection, whole-model perplexity, gradients) say False
+    streams: ClassVar[bool] = False
     # what `--sparsity` means for this method (shown by `prunekit methods` and --help)
     sparsity_meaning: ClassVar[str] = "share of weights zeroed in every pruned linear"
 

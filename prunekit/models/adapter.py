@@ -7,11 +7,15 @@ block by role (q, k, v, o, gate, up, down, ...) and for the head geometry.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from transformers import PretrainedConfig
 from transformers.pytorch_utils import Conv1D
+
+if TYPE_CHECKING:
+    from prunekit.models.offload import DiskBlocks
 
 ATTENTION_ROLES = ("q", "k", "v", "qkv", "o")
 MLP_ROLES = ("gate", "up", "gate_up", "down")
@@ -96,6 +100,7 @@ class ModelAdapter:
         self.model = model
         self.spec = spec
         self.config = model.config
+        self.offload: DiskBlocks | None = None  # blocks streamed from disk (offload.py)
 
     # -- structure -------------------------------------------------------------------
     @property

@@ -6,6 +6,7 @@ import importlib.util
 import json
 import os
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,20 +63,23 @@ def _smollm2_folder() -> Path:
     target = settings.cache_dir() / "models" / "smollm2-135m"
     if (target / "config.json").exists():
         return target
-    model = AutoModelForCausalLM.from_pretrained(
-        package_dir, gguf_file=gguf.name, dtype=torch.float32
-    )
-    tokenizer = AutoTokenizer.from_pretrained(package_dir, gguf_file=gguf.name)
+    _convert_gguf(package_dir, gguf.name, target)
+    return target
+
+
+def _convert_gguf(folder: Path, gguf_file: str, target: Path) -> None:
+    """Dequantise a GGUF file to a float32 safetensors HF folder `target` (atomically)."""
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
     _forget_gguf(model)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     try:
         os.replace(tmp, target)
     except OSError:  # another process converted it first
         shutil.rmtree(tmp, ignore_errors=True)
-    return target
 
 
 def _stories260k_folder() -> Path:
@@ -173,20 +177,34 @@ def resolve_dtype(dtype: str | torch.dtype, gguf: bool) -> str | torch.dtype:
     return getattr(torch, dtype) if isinstance(dtype, str) else dtype
 
 
+OFFLOADS = ("none", "disk")
+
+
 def load_model(
-    source: str, dtype: str | torch.dtype = "auto", device: str | torch.device = "cpu"
+    source: str,
+    dtype: str | torch.dtype = "auto",
+    device: str | torch.device = "cpu",
+    offload: str = "none",
+    staging: str | Path | None = None,
 ) -> LoadedModel:
     """Load `source` (HF folder, hub id, .gguf file, or alias) for pruning.
 
     `dtype` is the weights' dtype in memory and on disk: "auto" (the checkpoint's own;
     GGUF files dequantise to float32), "float32", "bfloat16", "float16" or a torch dtype.
+    `offload="disk"` keeps the decoder blocks on disk (`models/offload.py`): the engine
+    reads each when it reaches it and writes it, pruned, to `staging` (default: a new
+    folder under the cache dir), from which `save` assembles the output folder.
     A folder written by prunekit with per-layer widths or sliced by SliceGPT is handed
     to `load_pruned`.
     """
     if not isinstance(source, (str, Path)):
         raise PrunekitError(f"model must be a folder, hub id, .gguf path or alias, got {source!r}")
     check_dtype(dtype)
+    if offload not in OFFLOADS:
+        raise choice_error("offload", offload, OFFLOADS)
     _quiet()
+    if offload == "disk":
+        return _load_offloaded(str(source), dtype, staging)
     try:
         where, extra = _resolve(str(source))
         if is_per_layer_folder(where) or is_sliced_folder(where):
@@ -204,6 +222,56 @@ def load_model(
     _forget_gguf(model)
     model.to(device).eval()
     return LoadedModel(model=model, tokenizer=tokenizer, adapter=adapter_for(model), source=source)
+
+
+def safetensors_folder(source: str) -> Path:
+    """A local safetensors HF folder for `source`: itself, the hub snapshot, or a GGUF
+    file converted once into the cache (said on stderr)."""
+    where, extra = _resolve(source)
+    if "gguf_file" in extra:
+        gguf = Path(where) / extra["gguf_file"]
+        stat = gguf.stat()
+        target = settings.cache_dir() / "gguf" / f"{gguf.stem}-{stat.st_size}-{int(stat.st_mtime)}"
+        if not (target / "config.json").exists():
+            print(f"converting {gguf} to safetensors once, in {target}", file=sys.stderr)
+            _convert_gguf(Path(where), gguf.name, target)
+        return target
+    if not Path(where).is_dir():  # a hub id
+        from huggingface_hub import snapshot_download
+
+        patterns = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"]
+        return Path(snapshot_download(where, allow_patterns=patterns))
+    return Path(where)
+
+
+def _load_offloaded(source: str, dtype: str | torch.dtype, staging: str | Path | None):
+    from prunekit.models.offload import load_offloaded
+
+    try:
+        folder = safetensors_folder(source)
+        if is_per_layer_folder(folder) or is_sliced_folder(folder):
+            raise PrunekitError(
+                f"{source} has per-layer widths; --offload disk reads standard folders"
+            )
+        config = AutoConfig.from_pretrained(folder)
+        family_of(config.model_type)
+        resolved = resolve_dtype(dtype, gguf=False)
+        if resolved == "auto":
+            resolved = getattr(config, "dtype", None) or torch.float32
+            resolved = getattr(torch, resolved) if isinstance(resolved, str) else resolved
+        settings.cache_dir().mkdir(parents=True, exist_ok=True)
+        where = (
+            Path(staging)
+            if staging
+            else Path(tempfile.mkdtemp(prefix="offload-", dir=settings.cache_dir()))
+        )
+        model, adapter = load_offloaded(folder, resolved, where)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except PrunekitError:
+        raise
+    except Exception as err:
+        raise PrunekitError(f"cannot load model {source!r}: {describe_error(err, source)}") from err
+    return LoadedModel(model=model, tokenizer=tokenizer, adapter=adapter, source=source)
 
 
 def describe_error(err: BaseException, source: str = "") -> str:

@@ -35,6 +35,7 @@ class LayerwiseMethod(Method):
     """
 
     compute_dtypes = True
+    streams = True
 
     needs: ClassVar[tuple[str, ...]] = ()
 
@@ -52,9 +53,14 @@ class LayerwiseMethod(Method):
             # data-free: walk the blocks without activations
             if self.update is not None:
                 raise PrunekitError(f"update {self.update.name!r} needs calibration data")
+            offload = lm.adapter.offload
             for index, block in enumerate(lm.adapter.blocks):
+                if offload is not None:
+                    offload.load(index)
                 for path, module in lm.adapter.linears(block).items():
                     self.prune_linear(module, {}, request.target(index), path)
+                if offload is not None:
+                    offload.unload(index, keep=True)
             return self.details()
         runner = SequentialRunner(
             lm.adapter,
@@ -65,6 +71,7 @@ class LayerwiseMethod(Method):
             collect=tuple(self.statistics()),
             overwrite_inputs=True,
             compute_dtype=request.compute_dtype,
+            writes=True,
         )
         errors: list[dict[str, float]] = []
         for ctx in runner:

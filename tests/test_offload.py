@@ -1,0 +1,129 @@
+"""Pruning with the blocks on disk (`--offload disk`): each block is read from the
+checkpoint when the engine reaches it and written to the output when pruned. The result
+must be the in-memory run's, tensor for tensor."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from helpers import run_cli
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+import prunekit
+from prunekit.errors import PrunekitError
+
+CALIB = {"calib": "tinyshakespeare", "nsamples": 8, "seqlen": 64}
+
+
+def _weights(folder) -> dict[str, torch.Tensor]:
+    out = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(str(file)))
+    return out
+
+
+def _both(tmp_path, method, **kw):
+    dense = prunekit.load_model("stories260k")
+    record = prunekit.prune(dense, method, **CALIB, **kw)
+    prunekit.save(dense, tmp_path / "memory", record)
+    lm = prunekit.load_model("stories260k", offload="disk", staging=tmp_path / "staging")
+    assert lm.model.model.layers[0].self_attn.q_proj.weight.is_meta
+    streamed = prunekit.prune(lm, method, **CALIB, **kw)
+    prunekit.save(lm, tmp_path / "disk", streamed)
+    return record, streamed
+
+
+@pytest.mark.parametrize(
+    ("method", "kw"),
+    [
+        ("wanda", {}),
+        ("sparsegpt", {}),
+        ("wanda", {"pattern": "2:4"}),
+        ("wanda", {"allocation": "owl", "sparsity": 0.6}),
+        ("magnitude", {}),
+    ],
+)
+def test_streamed_pruning_equals_in_memory_bit_for_bit(tmp_path, method, kw):
+    record, streamed = _both(tmp_path, method, **kw)
+    ours, theirs = _weights(tmp_path / "disk"), _weights(tmp_path / "memory")
+    assert ours.keys() == theirs.keys()
+    for name, tensor in theirs.items():
+        assert torch.equal(ours[name], tensor), name
+    assert streamed.layer_sparsity == record.layer_sparsity
+    assert streamed.overall_sparsity == record.overall_sparsity
+    assert streamed.request["offload"] == "disk"
+    index = json.loads((tmp_path / "disk" / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) == {p.name for p in (tmp_path / "disk").glob("*.safetensors")}
+    ids = torch.tensor([[1, 300, 200, 100]])
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "disk")
+    memory = AutoModelForCausalLM.from_pretrained(tmp_path / "memory")
+    assert torch.equal(plain(ids).logits, memory(ids).logits)
+    assert not (tmp_path / "staging").exists() or not any((tmp_path / "staging").iterdir())
+
+
+def test_streamed_bfloat16_stays_bfloat16(tmp_path):
+    lm = prunekit.load_model("stories260k", dtype="bfloat16", offload="disk", staging=tmp_path / "s")
+    record = prunekit.prune(lm, "wanda", **CALIB)
+    prunekit.save(lm, tmp_path / "out", record)
+    assert {t.dtype for t in _weights(tmp_path / "out").values()} == {torch.bfloat16}
+
+
+def test_methods_that_need_the_whole_model_refuse_streaming(tmp_path):
+    lm = prunekit.load_model("stories260k", offload="disk", staging=tmp_path / "s")
+    with pytest.raises(PrunekitError, match="needs the whole model in memory.*wanda"):
+        prunekit.prune(lm, "sleb", **CALIB)
+    with pytest.raises(PrunekitError, match="blocks are on disk"):
+        prunekit.evaluate(lm, "tinyshakespeare", limit=1)
+
+
+def test_saving_before_pruning_names_the_missing_blocks(tmp_path):
+    lm = prunekit.load_model("stories260k", offload="disk", staging=tmp_path / "s")
+    record = prunekit.prune(prunekit.load_model("stories260k"), "magnitude")
+    with pytest.raises(PrunekitError, match=r"blocks \[0, 1, 2, 3, 4\] .* never pruned"):
+        prunekit.save(lm, tmp_path / "out", record)
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_streams_and_writes_a_loadable_folder(tmp_path):
+    result = run_cli(
+        "prune", "stories260k", "--method", "wanda", "--calib", "tinyshakespeare",
+        "--nsamples", "8", "--seqlen", "64", "--offload", "disk", "--out", "out",
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "out" / "model.safetensors.index.json").is_file()
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no staging left behind
+    record = json.loads((tmp_path / "out" / "prunekit.json").read_text())
+    assert record["request"]["offload"] == "disk"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--offload", "disk"], "give --out DIR"),
+        (["--offload", "disk", "--out", "o", "--eval", "tinyshakespeare"], "drop --eval"),
+        (["--offload", "disk", "--out", "o", "--method", "sleb"], "needs the whole model"),
+        (["--offload", "tape", "--out", "o"], "unknown offload 'tape'"),
+        (["--max-memory", "lots", "--out", "o"], "memory size 'lots' not understood"),
+        (["--offload", "disk", "--max-memory", "1KiB", "--out", "o"], "below one streamed step"),
+    ],
+)
+def test_bad_offload_requests_are_one_line(tmp_path, args, message):
+    base = ["prune", "stories260k", "--calib", "tinyshakespeare", "--nsamples", "8", "--seqlen", "64"]
+    result = run_cli(*base, *args, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_budget_smaller_than_the_model_turns_streaming_on(tmp_path):
+    result = run_cli(
+        "prune", "stories260k", "--calib", "tinyshakespeare", "--nsamples", "8", "--seqlen",
+        "64", "--max-memory", "800KiB", "--out", "out", cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "streaming its blocks" in result.stdout
+    assert (tmp_path / "out" / "model.safetensors.index.json").is_file()
