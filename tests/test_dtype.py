@@ -43,7 +43,8 @@ def test_every_family_prunes_a_bfloat16_model_in_bfloat16(method, options, tmp_p
     out = prunekit.save(lm, tmp_path / "out", record)
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
     with safe_open(str(out / "model.safetensors"), "pt") as f:
-        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
+        names = f.keys()
+        assert {f.get_tensor(k).dtype for k in names} == {torch.bfloat16}
     back = prunekit.load_pruned(out)  # "auto": the dtype it was saved in
     assert next(back.model.parameters()).dtype == torch.bfloat16
     torch.testing.assert_close(back.model(ids).logits, lm.model(ids).logits)

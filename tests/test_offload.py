@@ -56,7 +56,9 @@ def test_streamed_pruning_equals_in_memory_bit_for_bit(tmp_path, method, kw):
     assert streamed.overall_sparsity == record.overall_sparsity
     assert streamed.request["offload"] == "disk"
     index = json.loads((tmp_path / "disk" / "model.safetensors.index.json").read_text())
-    assert set(index["weight_map"].values()) == {p.name for p in (tmp_path / "disk").glob("*.safetensors")}
+    assert set(index["weight_map"].values()) == {
+        p.name for p in (tmp_path / "disk").glob("*.safetensors")
+    }
     ids = torch.tensor([[1, 300, 200, 100]])
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "disk")
     memory = AutoModelForCausalLM.from_pretrained(tmp_path / "memory")
@@ -65,7 +67,9 @@ def test_streamed_pruning_equals_in_memory_bit_for_bit(tmp_path, method, kw):
 
 
 def test_streamed_bfloat16_stays_bfloat16(tmp_path):
-    lm = prunekit.load_model("stories260k", dtype="bfloat16", offload="disk", staging=tmp_path / "s")
+    lm = prunekit.load_model(
+        "stories260k", dtype="bfloat16", offload="disk", staging=tmp_path / "s"
+    )
     record = prunekit.prune(lm, "wanda", **CALIB)
     prunekit.save(lm, tmp_path / "out", record)
     assert {t.dtype for t in _weights(tmp_path / "out").values()} == {torch.bfloat16}
@@ -112,7 +116,16 @@ def test_cli_streams_and_writes_a_loadable_folder(tmp_path):
     ],
 )
 def test_bad_offload_requests_are_one_line(tmp_path, args, message):
-    base = ["prune", "stories260k", "--calib", "tinyshakespeare", "--nsamples", "8", "--seqlen", "64"]
+    base = [
+        "prune",
+        "stories260k",
+        "--calib",
+        "tinyshakespeare",
+        "--nsamples",
+        "8",
+        "--seqlen",
+        "64",
+    ]
     result = run_cli(*base, *args, cwd=tmp_path)
     assert result.returncode == 2, result.stderr
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
