@@ -155,32 +155,44 @@ def reference_magnitude(work: Path, out: Path) -> None:
 # -- comparison ---------------------------------------------------------------------------
 
 
-def compare(
-    work: Path, name: str, reference: str, eval_limit: int | None, datasets: list[str]
-) -> dict:
-    """Mask agreement and perplexity of prunekit's weights for configuration `name` and
-    the reference's weights of configuration `reference`."""
+def agreement(work: Path, name: str, reference: str) -> dict:
+    """Mask agreement of prunekit's weights for `name` with the reference's `reference`:
+    the share of decoder-linear weights that both keep or both zero."""
+    from safetensors.torch import load_file
+
+    ours = load_file(str(work / f"prunekit-{name}.safetensors"))
+    theirs = load_file(str(work / f"reference-{reference}.safetensors"))
+    same = total = zeros_ours = zeros_theirs = 0
+    for key, w in ours.items():
+        same += int(((w == 0) == (theirs[key] == 0)).sum())
+        zeros_ours += int((w == 0).sum())
+        zeros_theirs += int((theirs[key] == 0).sum())
+        total += w.numel()
+    return {
+        "mask_agreement": same / total,
+        "prunekit_sparsity": zeros_ours / total,
+        "reference_sparsity": zeros_theirs / total,
+    }
+
+
+def perplexities(work: Path, weights: Path, eval_limit: int | None, datasets: list[str]) -> dict:
+    """Perplexity of the dense model with `weights` loaded, under prunekit's evaluator."""
     from safetensors.torch import load_file
 
     import prunekit
     import prunekit.api  # noqa: F401
 
-    ours = load_file(str(work / f"prunekit-{name}.safetensors"))
-    theirs = load_file(str(work / f"reference-{reference}.safetensors"))
-    same = total = 0
-    for key, w in ours.items():
-        same += int(((w == 0) == (theirs[key] == 0)).sum())
-        total += w.numel()
-    result = {"mask_agreement": same / total}
-    for who, weights in (("prunekit", ours), ("reference", theirs)):
-        lm = prunekit.load_model(str(work / "dense"))
-        lm.model.load_state_dict(weights, strict=False)
-        zeros = sum(int((w == 0).sum()) for w in weights.values())
-        result[f"{who}_sparsity"] = zeros / total
-        scores = prunekit.evaluate(lm, datasets, limit=eval_limit)
-        for dataset in datasets:
-            result[f"{who}_{dataset}"] = scores[dataset]["perplexity"]
-    return result
+    lm = prunekit.load_model(str(work / "dense"))
+    lm.model.load_state_dict(load_file(str(weights)), strict=False)
+    scores = prunekit.evaluate(lm, datasets, limit=eval_limit)
+    return {dataset: scores[dataset]["perplexity"] for dataset in datasets}
+
+
+def evaluated(cmd: list[str], weights: Path) -> dict:
+    """Perplexities from a `--evaluate WEIGHTS` subprocess."""
+    done = subprocess.run([*cmd, "--evaluate", str(weights)], check=True, capture_output=True,
+                          text=True)  # fmt: skip
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def timed(cmd: list[str], log: Path) -> float:
@@ -205,7 +217,7 @@ def main() -> None:
     parser.add_argument("--name", default="parity")
     parser.add_argument("--job", nargs=4, metavar=("TOOL", "METHOD", "PATTERN", "OUT"))
     parser.add_argument("--compute-dtype", default="auto")
-    parser.add_argument("--compare", nargs=2, metavar=("NAME", "REFERENCE"))
+    parser.add_argument("--evaluate", type=Path, metavar="WEIGHTS")
     args = parser.parse_args()
     work = args.work
     if args.job:
@@ -218,9 +230,8 @@ def main() -> None:
             reference_magnitude(work, Path(out))
         return
     datasets = args.datasets.split(",")
-    if args.compare:
-        name, reference = args.compare
-        print(json.dumps(compare(work, name, reference, args.eval_limit, datasets)))
+    if args.evaluate:
+        print(json.dumps(perplexities(work, args.evaluate, args.eval_limit, datasets)))
         return
 
     work.mkdir(parents=True, exist_ok=True)
@@ -229,6 +240,10 @@ def main() -> None:
     rows = []
     wanted = args.configs.split(",")
     reference_times: dict[str, list[float]] = {}  # reference config -> wall times
+    reference_ppl: dict[str, dict] = {}  # reference config -> perplexity per dataset
+    evaluate = [sys.executable, *me, "--datasets", args.datasets]
+    if args.eval_limit:
+        evaluate += ["--eval-limit", str(args.eval_limit)]
     for name, method, pattern, dtype in (c for c in CONFIGS if c[0] in wanted):
         ref_tool = "reference" if method == "magnitude" else "llmcompressor"
         ref_python = sys.executable if method == "magnitude" else args.lc_python
@@ -245,10 +260,14 @@ def main() -> None:
                 seconds = timed(job, out.with_suffix(".log"))
                 reference_times.setdefault(ref_name, []).append(seconds)
                 print(f"{ref_name}: {ref_tool} {reference_times[ref_name][-1]:.1f} s", flush=True)
-        cmd = [sys.executable, *me, "--compare", name, ref_name, "--datasets", args.datasets]
-        if args.eval_limit:
-            cmd += ["--eval-limit", str(args.eval_limit)]
-        scores = json.loads(subprocess.run(cmd, check=True, capture_output=True).stdout)
+        if ref_name not in reference_ppl:
+            theirs = work / f"reference-{ref_name}.safetensors"
+            reference_ppl[ref_name] = evaluated(evaluate, theirs)
+        ours_ppl = evaluated(evaluate, work / f"prunekit-{name}.safetensors")
+        scores = agreement(work, name, ref_name)
+        for dataset in datasets:
+            scores[f"prunekit_{dataset}"] = ours_ppl[dataset]
+            scores[f"reference_{dataset}"] = reference_ppl[ref_name][dataset]
         row = {
             "config": name,
             "compute_dtype": dtype,

@@ -1,17 +1,24 @@
 """BESA (Xu et al., ICLR 2024, "BESA: Pruning Large Language Models with Blockwise
-Parameter-Efficient Sparsity Allocation"): each block learns how sparse each of its
-linears (or each row) should be by minimising the block's reconstruction error.
+Parameter-Efficient Sparsity Allocation"): each block learns how sparse each row (or each
+linear) should be by minimising the block's reconstruction error.
 
-Per linear, the weights of every row are ranked by Wanda importance |W_ij|·‖X_j‖. A group
-(the whole layer, or one row) holds a softmax β over D candidate ratios p_d; under p_d the
-row drops its p_d·in least important weights, so a weight of rank r is kept with
-probability Σ_{d: p_d ≤ r/in} β_d and the group's sparsity is s = Σ_d β_d p_d. The forward
-pass uses the hard mask "drop the round(s·in) least important" with the soft keep
-probabilities' gradient (straight-through). The loss is
-    ‖block(X) − dense_block(X)‖² / ‖dense_block(X)‖²  +  λ · (mean sparsity − target)²
-(mean over the block's weights), trained with Adam for a few epochs on the block's
-calibration inputs; the dense outputs are computed before the block changes. A final
-rounding gives every block exactly round(target · its weights) zeros.
+As the reference (OpenGVLab/LLMPrune-BESA, row-wise setting `--blocksize 1`): the weights
+of every row are sorted by Wanda importance |W_ij|·‖X_j‖. A group (one row, or the whole
+linear with `granularity=layer`) holds logits over D+1 candidate ratios p_d = 0, step,
+..., 1, initialised to zero (uniform); β = softmax(sigmoid(logits)) (`sigmoid_smooth`).
+A weight at sorted position j is pruned with probability Σ_d β_d·[j < ⌊in·p_d⌋] and the
+group's sparsity is s = Σ_d β_d p_d. The forward uses the hard mask "prune the ⌊s·in⌋
+least important" with the soft keep probabilities' gradient (straight-through). The loss
+on each calibration batch is
+
+    Σ_c ‖(Y_c − Ŷ_c) / ‖Y_c‖‖² / hidden  +  beta · ((s_block − target) / target)²
+
+with Y the dense block's output on the batch, normalised per hidden channel c over the
+batch's tokens, and s_block the parameter-weighted mean sparsity of the block's linears;
+one epoch over the windows in order, optimised by Prodigy (lr 1, d_coef 5, as in the
+reference's scripts). The learned sparsity is kept as it is (the reference does not round
+it to the target); `exact=true` rounds the learned per-row counts so every block has
+exactly round(target · its weights) zeros.
 """
 
 from __future__ import annotations
@@ -33,50 +40,78 @@ from prunekit.surgery.masks import Target
 GRANULARITIES = ("layer", "row")
 
 
+OPTIMIZERS = ("prodigy", "adam")
+
+
 @dataclass
 class BesaConfig(MethodConfig):
-    epochs: int = 2  # passes over the block's calibration windows
+    epochs: int = 1  # passes over the block's calibration windows
     batch_size: int = 1  # windows per training step
-    lr: float = 0.05  # Adam learning rate on the candidate logits
-    step: float = 0.01  # spacing of the candidate ratios 0, step, 2·step, ... < 1
-    penalty: float = 100.0  # λ of the sparsity penalty
-    granularity: str = "layer"  # one learned sparsity per layer, or per output row
+    granularity: str = "row"  # one learned sparsity per output row, or per linear ("layer")
+    step: float = 0.01  # spacing of the candidate ratios 0, step, 2·step, ..., 1
+    beta: float = 5.0  # weight of the relative sparsity penalty
+    optimizer: str = "prodigy"  # prodigy (the reference's) or adam
+    lr: float = 1.0  # Prodigy's lr (1 in the reference); Adam's learning rate
+    d_coef: float = 5.0  # Prodigy's d_coef (the reference's 7B scripts)
+    sigmoid_smooth: bool = True  # β = softmax(sigmoid(logits)), as the reference
+    exact: bool = False  # round the learned counts so each block ends exactly at target
 
     def __post_init__(self) -> None:
-        if self.epochs < 0 or self.batch_size < 1 or self.lr <= 0 or self.penalty < 0:
-            raise PrunekitError("besa needs epochs >= 0, batch_size >= 1, lr > 0, penalty >= 0")
+        if self.epochs < 0 or self.batch_size < 1 or self.lr <= 0 or self.beta < 0:
+            raise PrunekitError("besa needs epochs >= 0, batch_size >= 1, lr > 0, beta >= 0")
         if not 0 < self.step < 1:
             raise PrunekitError(f"besa step must be in (0, 1), got {self.step}")
         if self.granularity not in GRANULARITIES:
             raise choice_error("granularity", self.granularity, GRANULARITIES)
+        if self.optimizer not in OPTIMIZERS:
+            raise choice_error("optimizer", self.optimizer, OPTIMIZERS)
+
+
+def candidate_ratios(step: float, device: torch.device | str = "cpu") -> torch.Tensor:
+    """0, step, 2·step, ..., 1 (1 included): [D + 1]. Built as the reference builds them
+    (float32 steps down from 1, the last set to 0), so ⌊in·p_d⌋ matches it exactly."""
+    ratios = torch.arange(1.0, -1 * step, -1 * step)
+    ratios[-1] = 0.0
+    return ratios.flip(0).to(device)
 
 
 class LearnedSparsity(nn.Module):
-    """Learnable sparsity of one linear: logits [groups, D] over candidate ratios [D].
+    """Learnable sparsity of one linear: logits [groups, D + 1] over candidate ratios.
 
-    `ranks` [out, in] is each weight's importance rank inside its row (0 = least).
+    `ranks` [out, in] is each weight's position in its row sorted by importance
+    (0 = least important, pruned first).
     """
 
-    def __init__(self, ranks: torch.Tensor, ratios: torch.Tensor, groups: int, start: float):
+    def __init__(self, ranks: torch.Tensor, ratios: torch.Tensor, groups: int, smooth: bool):
         super().__init__()
         width = ranks.shape[1]
+        self.smooth = smooth
         self.register_buffer("ranks", ranks)
         self.register_buffer("ratios", ratios)
-        # candidate index per weight: the largest d with p_d · in <= rank
-        bins = torch.searchsorted(ratios * width, ranks.float(), right=True) - 1
-        self.register_buffer("bins", bins)
-        init = -(((ratios - start) / 0.05) ** 2) / 2  # a bump centred on the target
-        self.logits = nn.Parameter(init.repeat(groups, 1))
+        # weights at sorted position j are pruned under candidate d when j < floor(in · p_d);
+        # `kept_below[j]` counts the candidates that keep it (floor(in · p_d) <= j)
+        cuts = torch.floor(ratios.double() * width).float()  # as int(cols * p.item())
+        self.register_buffer("kept_below", torch.searchsorted(cuts, ranks.float().contiguous(), right=True))
+        self.logits = nn.Parameter(torch.zeros(groups, ratios.numel(), device=ranks.device))
+
+    def beta(self) -> torch.Tensor:
+        logits = self.logits.sigmoid() if self.smooth else self.logits
+        return logits.softmax(-1)
 
     def sparsity(self) -> torch.Tensor:
         """Expected sparsity of each group: [groups]."""
-        return self.logits.softmax(-1) @ self.ratios
+        return self.beta() @ self.ratios
+
+    def keep_probability(self) -> torch.Tensor:
+        """Soft keep probability of every weight [out, in]: 1 − Σ_d β_d·[j < ⌊in·p_d⌋]."""
+        beta = self.beta()
+        cdf = torch.cat([beta.new_zeros(beta.shape[0], 1), beta.cumsum(-1)], dim=1)
+        return cdf.expand(self.ranks.shape[0], -1).gather(1, self.kept_below)
 
     def mask(self) -> torch.Tensor:
         """Straight-through keep mask [out, in]: hard forward, soft gradient."""
-        beta = self.logits.softmax(-1)
-        keep_prob = beta.cumsum(-1).expand(self.ranks.shape[0], -1).gather(1, self.bins)
-        drop = torch.round(self.sparsity() * self.ranks.shape[1]).detach()
+        keep_prob = self.keep_probability()
+        drop = torch.floor(self.row_counts())
         hard = (self.ranks >= drop.unsqueeze(-1)).to(keep_prob.dtype)
         return hard + keep_prob - keep_prob.detach()
 
@@ -86,8 +121,30 @@ class LearnedSparsity(nn.Module):
 
 
 def importance_ranks(scores: torch.Tensor) -> torch.Tensor:
-    """Rank of each score inside its row, 0 = least important: [out, in] long."""
-    return scores.argsort(dim=1).argsort(dim=1)
+    """Position of each score in its row sorted ascending (stable), 0 = least: [out, in]."""
+    return scores.argsort(dim=1, stable=True).argsort(dim=1)
+
+
+def channel_normalised_error(out: torch.Tensor, wanted: torch.Tensor) -> torch.Tensor:
+    """Σ_c ‖(Y_c − Ŷ_c) / ‖Y_c‖‖² / hidden, each hidden channel c normalised by its norm
+    over the batch's tokens (the reference's `l2_scaler`)."""
+    wanted = wanted.float().reshape(-1, wanted.shape[-1])
+    scale = torch.linalg.vector_norm(wanted, dim=0)
+    error = (wanted - out.float().reshape(-1, out.shape[-1])) / scale
+    return error.pow(2).sum() / wanted.shape[-1]
+
+
+def make_optimizer(config: BesaConfig, params: list[torch.Tensor]) -> torch.optim.Optimizer:
+    if config.optimizer == "adam":
+        return torch.optim.Adam(params, lr=config.lr)
+    try:
+        from prodigyopt import Prodigy
+    except ImportError as err:
+        raise PrunekitError(
+            "besa's default optimizer is Prodigy: pip install prodigyopt "
+            "(or --opt optimizer=adam --opt lr=0.01)"
+        ) from err
+    return Prodigy(params, lr=config.lr, d_coef=config.d_coef, weight_decay=0.0)
 
 
 def exact_counts(wanted: list[torch.Tensor], widths: list[int], total: int) -> list[torch.Tensor]:
@@ -120,7 +177,6 @@ class Besa(LayerwiseMethod):
     def run(self, lm: LoadedModel, calib: torch.Tensor | None, request: PruneRequest) -> dict:
         if calib is None:
             raise PrunekitError("besa needs calibration data")
-        self.seed = request.seed
         self.block_facts: list[dict[str, float]] = []
         return super().run(lm, calib, request)
 
@@ -130,33 +186,29 @@ class Besa(LayerwiseMethod):
         device = ctx.runner.device
         dense_out = ctx.forward()  # the targets, before the block changes
         weights = {path: weight_matrix(m).detach() for path, m in linears.items()}
-        ratios = torch.arange(0.0, 1.0 - 1e-9, config.step, device=device)
+        ratios = candidate_ratios(config.step, device)
         learners = {}
         for path, w in weights.items():
             scores = w.float().abs() * stats[path]["input_norm"].to(w.device).unsqueeze(0)
             groups = w.shape[0] if config.granularity == "row" else 1
-            learners[path] = LearnedSparsity(
-                importance_ranks(scores).to(device), ratios, groups, target.sparsity
-            )
+            ranks = importance_ranks(scores).to(device)
+            learners[path] = LearnedSparsity(ranks, ratios, groups, config.sigmoid_smooth)
         sizes = {path: w.numel() for path, w in weights.items()}
         total = sum(sizes.values())
 
-        def mean_sparsity() -> torch.Tensor:
+        def block_sparsity() -> torch.Tensor:
             return sum(m.sparsity().mean() * sizes[p] for p, m in learners.items()) / total
 
         params = [p for learner in learners.values() for p in learner.parameters()]
-        optimizer = torch.optim.Adam(params, lr=config.lr)
-        generator = torch.Generator().manual_seed(self.seed * 100_003 + ctx.index)
+        optimizer = make_optimizer(config, params)
         size = config.batch_size
-        starts = list(range(0, ctx.inputs.shape[0], size))
         frozen = [p.requires_grad for p in ctx.block.parameters()]
         ctx.block.requires_grad_(False)
         last = float("nan")
+        goal = max(target.sparsity, 1e-6)
         try:
-            steps = range(config.epochs)
-            for _ in tqdm(steps, desc=f"besa block {ctx.index}", leave=False):
-                for i in torch.randperm(len(starts), generator=generator).tolist():
-                    start = starts[i]
+            for _ in tqdm(range(config.epochs), desc=f"besa block {ctx.index}", leave=False):
+                for start in range(0, ctx.inputs.shape[0], size):  # in order, as the reference
                     overrides = {
                         f"{path}.weight": as_weight_parameter(
                             linears[path], weights[path] * learner.mask().to(weights[path].dtype)
@@ -164,9 +216,11 @@ class Besa(LayerwiseMethod):
                         for path, learner in learners.items()
                     }
                     out = ctx.apply(ctx.inputs[start : start + size], overrides)
-                    wanted = dense_out[start : start + size].to(device)
-                    recon = (out - wanted).pow(2).mean() / wanted.pow(2).mean().clamp_min(1e-12)
-                    loss = recon + config.penalty * (mean_sparsity() - target.sparsity) ** 2
+                    recon = channel_normalised_error(
+                        out, dense_out[start : start + size].to(device)
+                    )
+                    penalty = ((block_sparsity() - target.sparsity) / goal) ** 2
+                    loss = recon + config.beta * penalty
                     optimizer.zero_grad()
                     loss.backward()
                     optimizer.step()
@@ -174,12 +228,13 @@ class Besa(LayerwiseMethod):
         finally:
             for p, flag in zip(ctx.block.parameters(), frozen, strict=True):
                 p.requires_grad_(flag)
-        learned = mean_sparsity().item()
-        counts = exact_counts(
-            [learners[p].row_counts() for p in weights],
-            [w.shape[1] for w in weights.values()],
-            round(target.sparsity * total),
-        )
+        learned = block_sparsity().item()
+        learned_counts = [learners[p].row_counts() for p in weights]
+        if config.exact:
+            widths = [w.shape[1] for w in weights.values()]
+            counts = exact_counts(learned_counts, widths, round(target.sparsity * total))
+        else:
+            counts = [torch.floor(c).long() for c in learned_counts]
         for (path, w), count in zip(weights.items(), counts, strict=True):
             keep = learners[path].ranks >= count.to(device).unsqueeze(1)
             set_weight_matrix(linears[path], w * keep.to(w.device))

@@ -1,0 +1,225 @@
+"""Memory of pruning with the blocks on disk (`--offload disk`) against pruning in memory.
+
+(a) SmolLM2-135M, Wanda and SparseGPT 50%, 64 x 512 WikiText-2 calibration windows, each
+    run in a fresh process: peak RSS of the whole process and over the import baseline
+    (python + torch + transformers + prunekit, measured in the same process before the
+    model loads), and wall time, streaming vs in memory.
+(b) A model of Llama-2-7B's shape (hidden 4096, 32 blocks, 32 heads without GQA,
+    intermediate 11008, vocabulary 32000, random init, bfloat16, ~13.5 GB of safetensors
+    written here), pruned by Wanda 50% from 8 x 128 calibration tokens through the CLI
+    under `--max-memory 4GiB`: wall time, peak RSS, and a check that the output loads and
+    runs in plain transformers.
+
+    python benchmarks/memory.py                 # both parts
+    python benchmarks/memory.py --part small    # (a) only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+LLAMA7B = {
+    "hidden_size": 4096,
+    "intermediate_size": 11008,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 32,
+    "vocab_size": 32000,
+    "max_position_embeddings": 4096,
+}
+
+
+def one_run(method: str, offload: str, threads: int, work: Path) -> dict:
+    """In a subprocess: prune SmolLM2-135M, save, report memory and time (one JSON line)."""
+    import torch
+
+    import prunekit
+    import prunekit.api  # noqa: F401  (the package root imports lazily)
+    from prunekit.export.record import peak_rss_mb
+
+    torch.set_num_threads(threads)
+    baseline = peak_rss_mb()
+    start = time.perf_counter()
+    out = work / f"{method}-{offload}"
+    shutil.rmtree(out, ignore_errors=True)
+    lm = prunekit.load_model("smollm2-135m", offload=offload, staging=work / f"staging-{offload}")
+    record = prunekit.prune(
+        lm, method, sparsity=0.5, calib="wikitext2", nsamples=64, seqlen=512, seed=0
+    )
+    prunekit.save(lm, out, record)
+    return {
+        "method": method,
+        "offload": offload,
+        "wall_s": time.perf_counter() - start,
+        "import_rss_mb": baseline,
+        "peak_rss_mb": peak_rss_mb(),
+        "sparsity": record.overall_sparsity,
+    }
+
+
+def small(threads: int, work: Path) -> list[dict]:
+    rows = []
+    for method in ("wanda", "sparsegpt"):
+        for offload in ("none", "disk"):
+            cmd = [sys.executable, __file__, "--one", method, offload, "--threads", str(threads)]
+            cmd += ["--work", str(work)]
+            done = subprocess.run(cmd, check=True, capture_output=True, text=True)
+            row = json.loads(done.stdout.strip().splitlines()[-1])
+            row["over_imports_mb"] = row["peak_rss_mb"] - row["import_rss_mb"]
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    for method in ("wanda", "sparsegpt"):
+        mem, disk = (next(r for r in rows if r["method"] == method and r["offload"] == o)
+                     for o in ("none", "disk"))  # fmt: skip
+        disk["rss_ratio"] = disk["peak_rss_mb"] / mem["peak_rss_mb"]
+        disk["over_imports_ratio"] = disk["over_imports_mb"] / mem["over_imports_mb"]
+    return rows
+
+
+def write_llama7b(folder: Path) -> int:
+    """A random-init bfloat16 model of Llama-2-7B's shape, one shard per block; bytes."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoTokenizer, LlamaConfig
+
+    if (folder / "model.safetensors.index.json").is_file():
+        return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    config = LlamaConfig(**LLAMA7B, dtype="bfloat16", tie_word_embeddings=False)
+    config.save_pretrained(tmp)
+    tokenizer = AutoTokenizer.from_pretrained(ROOT.parent / "shared" / "models" / "stories260K")
+    tokenizer.save_pretrained(tmp)
+    gen = torch.Generator().manual_seed(0)
+    h, i, v = LLAMA7B["hidden_size"], LLAMA7B["intermediate_size"], LLAMA7B["vocab_size"]
+
+    def rand(*shape):
+        return (torch.randn(*shape, generator=gen) * 0.02).to(torch.bfloat16)
+
+    n = LLAMA7B["num_hidden_layers"]
+    names = [f"model-{k + 1:05d}-of-{n + 1:05d}.safetensors" for k in range(n + 1)]
+    weight_map, total = {}, 0
+    head = {
+        "model.embed_tokens.weight": rand(v, h),
+        "model.norm.weight": torch.ones(h, dtype=torch.bfloat16),
+        "lm_head.weight": rand(v, h),
+    }
+    shards = [(names[0], head)]
+    for layer in range(n):
+        p = f"model.layers.{layer}."
+        shards.append((names[layer + 1], {
+            p + "self_attn.q_proj.weight": rand(h, h),
+            p + "self_attn.k_proj.weight": rand(h, h),
+            p + "self_attn.v_proj.weight": rand(h, h),
+            p + "self_attn.o_proj.weight": rand(h, h),
+            p + "mlp.gate_proj.weight": rand(i, h),
+            p + "mlp.up_proj.weight": rand(i, h),
+            p + "mlp.down_proj.weight": rand(h, i),
+            p + "input_layernorm.weight": torch.ones(h, dtype=torch.bfloat16),
+            p + "post_attention_layernorm.weight": torch.ones(h, dtype=torch.bfloat16),
+        }))  # fmt: skip
+    for name, tensors in shards:  # one shard in memory at a time
+        save_file(tensors, str(tmp / name), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(tensors, name))
+        total += sum(t.numel() * 2 for t in tensors.values())
+        tensors.clear()
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (tmp / "model.safetensors.index.json").write_text(json.dumps(index))
+    os.replace(tmp, folder)
+    return total
+
+
+def large(threads: int, work: Path, budget: str) -> dict:
+    folder = work / "llama7b-shape"
+    start = time.perf_counter()
+    size = write_llama7b(folder)
+    written_s = time.perf_counter() - start
+    out = work / "llama7b-wanda50"
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = [
+        sys.executable, "-m", "prunekit.cli", "prune", str(folder), "--method", "wanda",
+        "--sparsity", "0.5", "--calib", "wikitext2", "--nsamples", "8", "--seqlen", "128",
+        "--max-memory", budget, "--threads", str(threads), "--out", str(out),
+    ]  # fmt: skip
+    start = time.perf_counter()
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    if done.returncode:
+        raise SystemExit(done.stderr[-2000:])
+    check = [sys.executable, __file__, "--check-load", str(out)]
+    loaded = json.loads(subprocess.run(check, check=True, capture_output=True, text=True).stdout)
+    return {
+        "shape": "Llama-2-7B (random init, bfloat16)",
+        "checkpoint_gb": size / 1e9,
+        "write_s": written_s,
+        "max_memory": budget,
+        "prune_wall_s": wall,
+        "prune_wall_min": wall / 60,
+        "peak_rss_gib": peak_kib * 1024 / 2**30,
+        "cli_output": done.stdout.strip().splitlines()[-3:],
+        **loaded,
+    }
+
+
+def check_load(folder: Path) -> dict:
+    """Load the pruned folder in plain transformers, run 8 tokens, count zeros."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    start = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
+    with torch.no_grad():
+        logits = model(torch.arange(1, 9).unsqueeze(0)).logits
+    linears = [m.weight for n, m in model.named_modules() if n.endswith("_proj")]
+    zeros = sum(int((w == 0).sum()) for w in linears) / sum(w.numel() for w in linears)
+    return {
+        "loads_in_transformers": bool(torch.isfinite(logits.float()).all()),
+        "load_s": time.perf_counter() - start,
+        "output_sparsity": zeros,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--part", choices=("small", "large", "both"), default="both")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--work", type=Path, default=ROOT / "out" / "memory")
+    parser.add_argument("--max-memory", default="4GiB")
+    parser.add_argument("--one", nargs=2, metavar=("METHOD", "OFFLOAD"))
+    parser.add_argument("--check-load", type=Path)
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(one_run(*args.one, args.threads, args.work)))
+        return
+    if args.check_load:
+        print(json.dumps(check_load(args.check_load)))
+        return
+    args.work.mkdir(parents=True, exist_ok=True)
+    result = {"command": "python benchmarks/memory.py " + " ".join(sys.argv[1:]),
+              "threads": args.threads}  # fmt: skip
+    path = RESULTS / "memory.json"
+    if path.is_file():  # keep the other part's latest figures
+        result = {**json.loads(path.read_text()), **result}
+    if args.part in ("small", "both"):
+        result["smollm2"] = small(args.threads, args.work)
+    if args.part in ("large", "both"):
+        result["llama7b_shape"] = large(args.threads, args.work, args.max_memory)
+        print(json.dumps(result["llama7b_shape"]), flush=True)
+    RESULTS.mkdir(exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
