@@ -91,7 +91,8 @@ class LearnedSparsity(nn.Module):
         # weights at sorted position j are pruned under candidate d when j < floor(in · p_d);
         # `kept_below[j]` counts the candidates that keep it (floor(in · p_d) <= j)
         cuts = torch.floor(ratios.double() * width).float()  # as int(cols * p.item())
-        self.register_buffer("kept_below", torch.searchsorted(cuts, ranks.float().contiguous(), right=True))
+        positions = ranks.float().contiguous()
+        self.register_buffer("kept_below", torch.searchsorted(cuts, positions, right=True))
         self.logits = nn.Parameter(torch.zeros(groups, ratios.numel(), device=ranks.device))
 
     def beta(self) -> torch.Tensor:
