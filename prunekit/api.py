@@ -12,6 +12,13 @@ import torch
 
 from prunekit.allocations import Allocation, allocate, get_allocation
 from prunekit.data import DATASETS, calibration_windows, check_dataset, check_protocol, load_text
+from prunekit.engine.distributed import (
+    barrier,
+    init_from_environment,
+    is_main,
+    shard_windows,
+    world,
+)
 from prunekit.engine.runner import COMPUTE_DTYPES, PROPAGATION
 from prunekit.errors import PrunekitError, choice_error
 from prunekit.eval.perplexity import perplexity
@@ -196,6 +203,12 @@ def check_offload_budget(lm: LoadedModel, nsamples: int, seqlen: int, budget: in
             f"block {gib(block)} + float32 work {gib(8 * widest)} + activations "
             f"{gib(activations)} = {gib(need)}; valid: at least {gib(need)}"
         )
+
+
+def init_distributed(device: str) -> str:
+    """Join torchrun's process group when started by torchrun (else nothing); the device
+    this process computes on."""
+    return init_from_environment(device)
 
 
 def check_run(device: str, batch_size: int) -> None:
@@ -465,6 +478,13 @@ def run_plan(
     check_compute_dtype(plan.method, compute_dtype)
     if lm.adapter.offload is not None and not plan.method.streams:
         check_offload(plan, Path("."), [])
+    ranks = world()[1]
+    if ranks > 1 and not plan.method.distributes:
+        spread = sorted(n for n, m in REGISTRY.items() if m.distributes)
+        raise PrunekitError(
+            f"method {plan.method.name!r} runs on one process; with {ranks} processes use "
+            f"one of: {', '.join(spread)}"
+        )
     _at_least("seed", seed, 0)
     check_seqlen(lm, seqlen)
     if plan.pattern.is_nm:
@@ -476,6 +496,7 @@ def run_plan(
     windows, calibration = None, None
     if plan.needs_calibration:
         windows, calibration = _calibration(lm, plan, seqlen, seed, protocol)
+        windows = shard_windows(windows)  # this rank's share (all of them on one process)
     params_before = count_parameters(lm.model)
     allocated = allocate(plan.allocation, lm, windows, request)
     request.layer_sparsity = allocated.ratios
@@ -489,6 +510,7 @@ def run_plan(
     request_dict["update"] = plan.update.name if plan.update else "none"
     request_dict["dtype"] = str(next(lm.model.parameters()).dtype).removeprefix("torch.")
     request_dict["offload"] = "none" if lm.adapter.offload is None else "disk"
+    request_dict["processes"] = ranks
     return PruneRecord(
         source_model=lm.source,
         method=plan.method.name,
@@ -575,10 +597,16 @@ def evaluate(
 
 
 def save(lm: LoadedModel, out: str | Path, record: PruneRecord, overwrite: bool = False) -> Path:
-    """Write `lm` as a HF folder with its prunekit.json (atomically)."""
+    """Write `lm` as a HF folder with its prunekit.json (atomically). In a process group
+    every rank holds the same model: rank 0 writes it, the others wait for it."""
     check_output_dir(out, overwrite)
     if not isinstance(record, PruneRecord):
         raise PrunekitError(
             f"record must be the PruneRecord prunekit.prune returned, got {record!r}"
         )
-    return save_pruned(lm, out, record.as_dict(), overwrite)
+    if not is_main():
+        barrier()
+        return Path(out)
+    path = save_pruned(lm, out, record.as_dict(), overwrite)
+    barrier()
+    return path

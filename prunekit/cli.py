@@ -262,6 +262,9 @@ def prune(
     if offload == "none" and budget is not None and api.checkpoint_bytes(model) > budget:
         offload = "disk"
         typer.echo(f"the model does not fit in --max-memory {max_memory}: streaming its blocks")
+    device = api.init_distributed(device)
+    if not api.is_main():  # every rank ends with the same model: rank 0 speaks for them
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the life of the process)
     staging = None
     if offload == "disk":
         api.check_offload(plan, out, tasks)

@@ -7,6 +7,7 @@ carriage returns.
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any
 
@@ -28,7 +29,9 @@ class _LineWriter:
 
 
 def progress(iterable: Any = None, **kwargs: Any) -> tqdm:
-    """`tqdm(iterable, **kwargs)`, one line per update when stderr is not a terminal."""
+    """`tqdm(iterable, **kwargs)`, one line per update when stderr is not a terminal; under
+    torchrun only rank 0 shows progress."""
+    kwargs.setdefault("disable", os.environ.get("RANK", "0") != "0")
     if not sys.stderr.isatty() and "file" not in kwargs:
         kwargs = {
             "file": _LineWriter(),

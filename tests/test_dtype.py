@@ -50,6 +50,16 @@ def test_every_family_prunes_a_bfloat16_model_in_bfloat16(method, options, tmp_p
     torch.testing.assert_close(back.model(ids).logits, lm.model(ids).logits)
 
 
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt", "flap", "llm_pruner"])
+def test_float16_runs_on_the_cpu(method):
+    """No "not implemented for 'Half'" from any family's statistics or solves."""
+    lm = prunekit.load_model("stories260k", dtype="float16")
+    options = {"protect_first": 0, "protect_last": 0} if method == "llm_pruner" else {}
+    _prune(lm, method, options)
+    assert {p.dtype for p in lm.model.parameters()} == {torch.float16}
+    assert torch.isfinite(lm.model(torch.tensor([[1, 400, 300]])).logits).all()
+
+
 def test_bfloat16_wanda_masks_nearly_equal_float32_ones():
     """Scores from bfloat16 weights and activations pick almost the same weights."""
     masks = {}

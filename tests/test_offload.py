@@ -83,6 +83,14 @@ def test_methods_that_need_the_whole_model_refuse_streaming(tmp_path):
         prunekit.evaluate(lm, "tinyshakespeare", limit=1)
 
 
+def test_a_pickle_checkpoint_is_refused_for_streaming(tmp_path):
+    lm = prunekit.load_model("stories260k")
+    lm.model.save_pretrained(tmp_path / "bin", safe_serialization=False)
+    lm.tokenizer.save_pretrained(tmp_path / "bin")
+    with pytest.raises(PrunekitError, match="reads safetensors shards"):
+        prunekit.load_model(str(tmp_path / "bin"), offload="disk", staging=tmp_path / "s")
+
+
 def test_saving_before_pruning_names_the_missing_blocks(tmp_path):
     lm = prunekit.load_model("stories260k", offload="disk", staging=tmp_path / "s")
     record = prunekit.prune(prunekit.load_model("stories260k"), "magnitude")

@@ -11,6 +11,8 @@ from typing import ClassVar
 
 import torch
 
+from prunekit.engine.distributed import all_gather, all_reduce_sum
+
 
 class Collector:
     """Base: a running statistic of a layer's inputs X [tokens, in_features]."""
@@ -27,6 +29,15 @@ class Collector:
 
     def result(self) -> torch.Tensor:
         raise NotImplementedError
+
+    def merge_ranks(self) -> None:
+        """Combine this statistic over the ranks of a process group, so every rank holds
+        the statistic of all calibration windows (called by the engine, in the same order
+        on every rank)."""
+        raise NotImplementedError
+
+    def _merge_tokens(self) -> None:
+        self.tokens = int(all_reduce_sum(torch.tensor([self.tokens], dtype=torch.float64)))
 
 
 class InputNorm(Collector):
@@ -45,6 +56,10 @@ class InputNorm(Collector):
 
     def result(self) -> torch.Tensor:
         return self.sq_sum.sqrt().float()
+
+    def merge_ranks(self) -> None:
+        all_reduce_sum(self.sq_sum)
+        self._merge_tokens()
 
 
 class Hessian(Collector):
@@ -71,6 +86,10 @@ class Hessian(Collector):
             self.xtx[start:end, start:].addmm_(x[:, start:end].t(), x[:, start:])
         self.tokens += x.shape[0]
 
+    def merge_ranks(self) -> None:
+        all_reduce_sum(self.xtx)
+        self._merge_tokens()
+
     def result(self) -> torch.Tensor:
         upper = self.xtx.triu()
         return (upper + upper.triu(1).t()) * (2.0 / max(self.tokens, 1))
@@ -95,6 +114,24 @@ class _Moments(Collector):
         self.running_mean += delta * (count / total)
         self.m2 += batch_m2 + delta.pow(2) * (self.tokens * count / total)
         self.tokens = total
+
+    def merge_ranks(self) -> None:
+        """Chan et al.'s pairwise merge of every rank's (count, mean, M2), in rank order."""
+        counts = all_gather(torch.tensor([float(self.tokens)], dtype=torch.float64))
+        means, m2s = all_gather(self.running_mean), all_gather(self.m2)
+        tokens, mean, m2 = 0.0, torch.zeros_like(self.running_mean), torch.zeros_like(self.m2)
+        for count, other_mean, other_m2 in zip(counts, means, m2s, strict=True):
+            n = float(count)
+            total = tokens + n
+            if n == 0:
+                continue
+            delta = other_mean - mean
+            mean = mean + delta * (n / total)
+            m2 = m2 + other_m2 + delta.pow(2) * (tokens * n / total)
+            tokens = total
+        self.running_mean.copy_(mean)
+        self.m2.copy_(m2)
+        self.tokens = int(tokens)
 
 
 class InputMean(_Moments):

@@ -15,6 +15,7 @@ from torch import nn
 
 from prunekit.engine.capture import BlockCall, CapturedInputs, capture_inputs
 from prunekit.engine.collectors import COLLECTORS, Collector
+from prunekit.engine.distributed import world
 from prunekit.errors import choice_error
 from prunekit.models.adapter import ModelAdapter
 from prunekit.progress import progress as tqdm
@@ -131,7 +132,15 @@ def attach_collectors(
 
 
 def collected_stats(collectors: dict[str, dict[str, Collector]]) -> dict[str, LayerStats]:
-    """`{path: {statistic name: tensor}}` from what `attach_collectors` gathered."""
+    """`{path: {statistic name: tensor}}` from what `attach_collectors` gathered, merged
+    over the ranks of a process group first (each shared set once, in hook order)."""
+    if world()[1] > 1:
+        merged: set[int] = set()
+        for per_layer in collectors.values():
+            if id(per_layer) not in merged:
+                merged.add(id(per_layer))
+                for name in sorted(per_layer):
+                    per_layer[name].merge_ranks()
     return {
         path: {name: c.result() for name, c in per_layer.items()}
         for path, per_layer in collectors.items()

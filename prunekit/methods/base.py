@@ -76,6 +76,9 @@ class Method:
     # disk (`--offload disk`) can be pruned block by block; methods that need the whole
     # model at once (global selection, whole-model perplexity, gradients) say False
     streams: ClassVar[bool] = False
+    # whether ranks of a process group can each calibrate on their share of the windows:
+    # the method reads data only through the engine's collectors (merged across ranks)
+    distributes: ClassVar[bool] = False
     # what `--sparsity` means for this method (shown by `prunekit methods` and --help)
     sparsity_meaning: ClassVar[str] = "share of weights zeroed in every pruned linear"
 

@@ -171,6 +171,7 @@ class Besa(LayerwiseMethod):
     name = "besa"
     summary = "learned per-layer/row sparsity from block reconstruction, straight-through masks"
     compute_dtypes = False  # its mask training runs in the weights' dtype
+    distributes = False  # it trains on its own windows
     needs = ("input_norm",)
     supports_nm = False
     Config = BesaConfig

@@ -17,6 +17,7 @@ class GlobalMagnitude(Method):
     needs_calibration = False
     supports_nm = False
     no_allocation = "global_magnitude sets its own per-layer sparsity"
+    distributes = True  # data-free: every rank computes the same masks
 
     @torch.no_grad()
     def run(self, lm: LoadedModel, calib: torch.Tensor | None, request: PruneRequest) -> dict:

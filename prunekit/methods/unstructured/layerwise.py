@@ -36,6 +36,7 @@ class LayerwiseMethod(Method):
 
     compute_dtypes = True
     streams = True
+    distributes = True
 
     needs: ClassVar[tuple[str, ...]] = ()
 

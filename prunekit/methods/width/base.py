@@ -141,6 +141,7 @@ class StructuredMethod(Method):
     needs: ClassVar[tuple[str, ...]] = ()  # statistics gathered per block
     needs_roles: ClassVar[tuple[str, ...] | None] = None  # linears they are gathered on
     floor_groups: ClassVar[bool] = False  # floor (not round) the KV groups a block loses
+    distributes = True
 
     def score(self, adapter: ModelAdapter, block: nn.Module, stats: BlockStats) -> BlockScores:
         raise NotImplementedError

@@ -1,0 +1,74 @@
+"""Several processes (torchrun, gloo on CPU): each rank calibrates on its share of the
+windows, statistics are merged across ranks, every rank ends with the same model and
+rank 0 writes it, equal to the one-process result."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from helpers import ROOT
+from safetensors.torch import load_file
+
+import prunekit
+import prunekit.api
+from prunekit.engine import distributed
+from prunekit.errors import PrunekitError
+
+ARGS = ["stories260k", "--calib", "tinyshakespeare", "--nsamples", "8", "--seqlen", "64",
+        "--threads", "1"]  # fmt: skip
+
+
+def _run(cmd: list[str], cwd) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def _both(tmp_path, method: str, *extra: str):
+    one = _run([sys.executable, "-m", "prunekit", "prune", *ARGS, "--method", method, *extra,
+                "--out", "one"], tmp_path)  # fmt: skip
+    assert one.returncode == 0, one.stderr
+    two = _run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                "--nproc-per-node", "2", "-m", "prunekit", "prune", *ARGS, "--method", method,
+                *extra, "--out", "two"], tmp_path)  # fmt: skip
+    assert two.returncode == 0, two.stderr
+    assert two.stdout.count("saved to two") == 1  # rank 0 speaks and writes
+    return load_file(str(tmp_path / "one" / "model.safetensors")), load_file(
+        str(tmp_path / "two" / "model.safetensors")
+    )
+
+
+@pytest.mark.parametrize("method", ["wanda", "flap"])
+def test_two_processes_give_the_one_process_model(tmp_path, method):
+    """Wanda (input norms, summed over ranks) and FLAP (means and variances merged by
+    Chan's formula): the same masks / kept structures, weights equal to float rounding."""
+    one, two = _both(tmp_path, method)
+    assert one.keys() == two.keys()
+    for name, tensor in one.items():
+        assert tensor.shape == two[name].shape, name
+        assert torch.equal(tensor == 0, two[name] == 0), name
+        torch.testing.assert_close(two[name], tensor, rtol=1e-5, atol=1e-6)
+
+
+def test_two_processes_sparsegpt_within_float_tolerance(tmp_path):
+    """XᵀX summed in another order: masks agree on all but near-ties, weights closely."""
+    one, two = _both(tmp_path, "sparsegpt")
+    same = sum(int(((a == 0) == (two[k] == 0)).sum()) for k, a in one.items())
+    total = sum(a.numel() for a in one.values())
+    assert same / total >= 0.999
+    for name, tensor in one.items():
+        both = (tensor != 0) & (two[name] != 0)
+        assert torch.allclose(tensor[both], two[name][both], rtol=1e-3, atol=1e-4), name
+
+
+def test_methods_on_one_process_and_too_few_windows_are_refused(monkeypatch):
+    monkeypatch.setattr(distributed, "world", lambda: (0, 2))
+    monkeypatch.setattr(prunekit.api, "world", lambda: (0, 2))
+    lm = prunekit.load_model("stories260k")
+    with pytest.raises(PrunekitError, match="runs on one process; with 2 processes use one of"):
+        prunekit.prune(lm, "sleb", calib="tinyshakespeare", nsamples=8, seqlen=64)
+    with pytest.raises(PrunekitError, match="2 processes need at least 2 calibration windows"):
+        prunekit.prune(lm, "wanda", calib="tinyshakespeare", nsamples=1, seqlen=64)
