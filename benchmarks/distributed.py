@@ -64,8 +64,10 @@ def main() -> None:
         for processes in (1, 2):
             rows.append(run(method, processes, args.work, args.nsamples))
             print(json.dumps(rows[-1]), flush=True)
-    lines = ["| method | processes | job wall (s) | pruning (s) | speed-up | rank-0 peak RSS (MiB) |",
-             "|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        "| method | processes | job wall (s) | pruning (s) | speed-up | rank-0 peak RSS (MiB) |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in rows:
         base = next(b for b in rows if b["method"] == r["method"] and b["processes"] == 1)
         lines.append(
