@@ -283,7 +283,8 @@ def main() -> None:
         print(json.dumps(row), flush=True)
     meta = {
         "model": "smollm2-135m (float32)",
-        "calibration": f"{NSAMPLES} x {SEQLEN} WikiText-2 train windows, seed 0, no BOS",
+        "calibration": f"{NSAMPLES} x {SEQLEN} WikiText-2 calibration windows "
+        "(the valid split offline), seed 0, no BOS",
         "evaluation": f"{args.datasets} test, reference protocol, seqlen = prunekit default, "
         + (f"first {args.eval_limit} windows" if args.eval_limit else "whole test set"),
         "threads": args.threads,

@@ -85,8 +85,10 @@ def test_methods_that_need_the_whole_model_refuse_streaming(tmp_path):
 
 def test_a_pickle_checkpoint_is_refused_for_streaming(tmp_path):
     lm = prunekit.load_model("stories260k")
-    lm.model.save_pretrained(tmp_path / "bin", safe_serialization=False)
+    (tmp_path / "bin").mkdir()
+    lm.model.config.save_pretrained(tmp_path / "bin")
     lm.tokenizer.save_pretrained(tmp_path / "bin")
+    torch.save(lm.model.state_dict(), tmp_path / "bin" / "pytorch_model.bin")
     with pytest.raises(PrunekitError, match="reads safetensors shards"):
         prunekit.load_model(str(tmp_path / "bin"), offload="disk", staging=tmp_path / "s")
 

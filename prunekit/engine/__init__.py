@@ -1,4 +1,5 @@
-"""Engine: the sequential block runner, block-input capture and statistics collectors.
+"""Engine: the sequential block runner, block-input capture, statistics collectors,
+block-wise gradients, and the process-group helpers that merge statistics across ranks.
 
 Calibrates one decoder block at a time (capture its inputs, gather statistics on its
 linears, hand them to a method, propagate the outputs). May import models and the
