@@ -78,9 +78,12 @@ MODULES = {module_name(p): p for p in PACKAGE.rglob("*.py")}
 
 
 def layer_of(module: str) -> str:
-    """`prunekit.methods.width.flap` -> "methods"; the root's modules are "root" or "core"."""
+    """`prunekit.methods.width.flap` -> "methods"; the root's modules are "root" or "core";
+    `python -m prunekit` (`__main__`) is the command line."""
     parts = module.split(".")
-    if len(parts) == 1 or parts[1] == "__main__":
+    if len(parts) > 1 and parts[1] == "__main__":
+        return "cli"
+    if len(parts) == 1:
         return "root"
     return "core" if parts[1] in CORE else parts[1]
 

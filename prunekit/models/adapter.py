@@ -7,15 +7,13 @@ block by role (q, k, v, o, gate, up, down, ...) and for the head geometry.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import Protocol
 
 import torch
 from torch import nn
 from transformers import PretrainedConfig
 from transformers.pytorch_utils import Conv1D
-
-if TYPE_CHECKING:
-    from prunekit.models.offload import DiskBlocks
 
 ATTENTION_ROLES = ("q", "k", "v", "qkv", "o")
 MLP_ROLES = ("gate", "up", "gate_up", "down")
@@ -93,6 +91,20 @@ def context_length(config: PretrainedConfig) -> int | None:
     return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
 
 
+class BlockStore(Protocol):
+    """Where the decoder blocks live when they are not in memory (`offload.DiskBlocks`)."""
+
+    prefix: str  # state-dict prefix of the blocks, e.g. "model.layers."
+    files: dict[str, Path]  # checkpoint tensor name -> safetensors file
+    counts: dict[int, dict[str, tuple[int, int]]]  # block -> linear -> (zeros, weights)
+
+    def load(self, index: int) -> None: ...
+    def unload(self, index: int, keep: bool) -> None: ...
+    def staged(self, index: int) -> Path: ...
+    def missing(self) -> list[int]: ...
+    def block_bytes(self, index: int) -> int: ...
+
+
 class ModelAdapter:
     """Architecture-independent view of a causal LM (`transformers` PreTrainedModel)."""
 
@@ -100,7 +112,7 @@ class ModelAdapter:
         self.model = model
         self.spec = spec
         self.config = model.config
-        self.offload: DiskBlocks | None = None  # blocks streamed from disk (offload.py)
+        self.offload: BlockStore | None = None  # blocks streamed from disk (offload.py)
 
     # -- structure -------------------------------------------------------------------
     @property
