@@ -599,14 +599,15 @@ def evaluate(
 def save(lm: LoadedModel, out: str | Path, record: PruneRecord, overwrite: bool = False) -> Path:
     """Write `lm` as a HF folder with its prunekit.json (atomically). In a process group
     every rank holds the same model: rank 0 writes it, the others wait for it."""
+    if is_main():  # rank 0 checks and writes the folder; the others wait for it
+        check_output_dir(out, overwrite)
     if not isinstance(record, PruneRecord):
         raise PrunekitError(
             f"record must be the PruneRecord prunekit.prune returned, got {record!r}"
         )
-    if not is_main():  # rank 0 checks and writes the folder
+    if not is_main():
         barrier()
         return Path(out)
-    check_output_dir(out, overwrite)
     path = save_pruned(lm, out, record.as_dict(), overwrite)
     barrier()
     return path
