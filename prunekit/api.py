@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -158,6 +159,15 @@ def parse_memory(text: str) -> int:
     return int(value * _UNITS[unit])
 
 
+def resident_bytes() -> int:
+    """This process's resident memory now (Linux; 0 where /proc is missing)."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0
+    return pages * os.sysconf("SC_PAGE_SIZE")
+
+
 def gib(n: int) -> str:
     """A byte count for people: GiB from 1 GiB up, MiB below."""
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.2f} MiB"
@@ -187,20 +197,20 @@ def check_offload(plan: PrunePlan, out: Path | None, tasks: list[str]) -> None:
 
 
 def check_offload_budget(lm: LoadedModel, nsamples: int, seqlen: int, budget: int) -> None:
-    """Refuse a memory budget below one streamed step: the head, one block, its float32
-    working copy of the widest linear, and the activations [nsamples, seqlen, hidden]."""
+    """Refuse a memory budget below one streamed step: what the process holds now (the
+    interpreter, libraries, embedding and head), one block read and its staged copy, a
+    float32 working copy of the widest linear, and the activations [nsamples, seqlen,
+    hidden] with one batch's temporaries."""
     offload = lm.adapter.offload
-    head = sum(t.numel() * t.element_size() for t in lm.model.state_dict().values()
-               if not t.is_meta)  # fmt: skip
+    now = resident_bytes()
     block = max(offload.block_bytes(i) for i in range(len(lm.adapter.blocks)))
     widest = max(m.weight.numel() for m in lm.adapter.linears(lm.adapter.blocks[0]).values())
-    hidden = lm.model.config.hidden_size
-    activations = nsamples * seqlen * hidden * 4
-    need = head + block + 2 * 4 * widest + activations
+    activations = 2 * nsamples * seqlen * lm.model.config.hidden_size * 4
+    need = now + 2 * block + 3 * 4 * widest + activations
     if need > budget:
         raise PrunekitError(
-            f"--max-memory {gib(budget)} is below one streamed step: head {gib(head)} + one "
-            f"block {gib(block)} + float32 work {gib(8 * widest)} + activations "
+            f"--max-memory {gib(budget)} is below one streamed step: loaded {gib(now)} + one "
+            f"block twice {gib(2 * block)} + float32 work {gib(12 * widest)} + activations "
             f"{gib(activations)} = {gib(need)}; valid: at least {gib(need)}"
         )
 
