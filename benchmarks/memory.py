@@ -199,7 +199,12 @@ def check_load(folder: Path) -> dict:
 
 def markdown(result: dict) -> str:
     """The tables of `memory.json`."""
-    lines = [f"Command: `{result.get('command', '')}`; {result.get('threads')} threads.", ""]
+    lines = [
+        "Commands: `python benchmarks/memory.py --part small` (SmolLM2-135M) and "
+        f"`--part large` (the 7B shape); {result.get('threads')} threads; wall times of the "
+        "SmolLM2 runs were taken while other jobs shared the 2 cores.",
+        "",
+    ]
     if "smollm2" in result:
         lines += [
             "SmolLM2-135M, 50%, 64 x 512 WikiText-2 calibration windows, a fresh process per run:",

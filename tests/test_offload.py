@@ -143,10 +143,14 @@ def test_bad_offload_requests_are_one_line(tmp_path, args, message):
 
 
 def test_a_budget_smaller_than_the_model_turns_streaming_on(tmp_path):
+    """stories260K (1 MB) does not fit in 800 KiB: streaming is turned on, and the budget
+    is then refused because the process alone holds more than that (benchmarks/memory.py
+    shows a 13.5 GB model streamed under 4 GiB)."""
     result = run_cli(
         "prune", "stories260k", "--calib", "tinyshakespeare", "--nsamples", "8", "--seqlen",
         "64", "--max-memory", "800KiB", "--out", "out", cwd=tmp_path,
     )  # fmt: skip
-    assert result.returncode == 0, result.stderr
     assert "streaming its blocks" in result.stdout
-    assert (tmp_path / "out" / "model.safetensors.index.json").is_file()
+    assert result.returncode == 2
+    assert "is below one streamed step: loaded" in result.stderr
+    assert list(tmp_path.iterdir()) == []
