@@ -70,27 +70,8 @@ def one_run(method: str, sparsity: float, dtype: str, args: argparse.Namespace) 
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--nsamples", type=int, default=32)
-    parser.add_argument("--seqlen", type=int, default=512)
-    parser.add_argument("--eval-limit", type=int, default=40)
-    parser.add_argument("--one", nargs=3, metavar=("METHOD", "SPARSITY", "DTYPE"))
-    args = parser.parse_args()
-    if args.one:
-        method, sparsity, dtype = args.one
-        print(json.dumps(one_run(method, float(sparsity), dtype, args)))
-        return
-    rows = []
-    for method, sparsity in RUNS:
-        for dtype in DTYPES:
-            cmd = [sys.executable, __file__, "--one", method, str(sparsity), dtype]
-            cmd += ["--threads", str(args.threads), "--nsamples", str(args.nsamples)]
-            cmd += ["--seqlen", str(args.seqlen), "--eval-limit", str(args.eval_limit)]
-            done = subprocess.run(cmd, check=True, capture_output=True, text=True)
-            rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
-            print(json.dumps(rows[-1]), flush=True)
+def table(rows: list[dict]) -> list[str]:
+    """The Markdown table: float32 against bfloat16 per method."""
     lines = [
         "| method | sparsity | float32 ppl | bfloat16 ppl | ppl ratio | prune s fp32 / bf16 "
         "| speed-up | peak RSS while pruning MiB fp32 / bf16 | memory ratio |",
@@ -106,6 +87,37 @@ def main() -> None:
             f"{f['peak_rss_mb']:.0f} / {b['peak_rss_mb']:.0f} | "
             f"{b['peak_rss_mb'] / f['peak_rss_mb']:.2f} |"
         )
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--nsamples", type=int, default=32)
+    parser.add_argument("--seqlen", type=int, default=512)
+    parser.add_argument("--eval-limit", type=int, default=40)
+    parser.add_argument("--one", nargs=3, metavar=("METHOD", "SPARSITY", "DTYPE"))
+    parser.add_argument("--markdown-only", action="store_true", help="rewrite dtype.md")
+    args = parser.parse_args()
+    if args.markdown_only:
+        data = json.loads((RESULTS / "dtype.json").read_text())
+        text = data["note"] + "\n\n" + "\n".join(table(data["rows"])) + "\n"
+        (RESULTS / "dtype.md").write_text(text)
+        return
+    if args.one:
+        method, sparsity, dtype = args.one
+        print(json.dumps(one_run(method, float(sparsity), dtype, args)))
+        return
+    rows = []
+    for method, sparsity in RUNS:
+        for dtype in DTYPES:
+            cmd = [sys.executable, __file__, "--one", method, str(sparsity), dtype]
+            cmd += ["--threads", str(args.threads), "--nsamples", str(args.nsamples)]
+            cmd += ["--seqlen", str(args.seqlen), "--eval-limit", str(args.eval_limit)]
+            done = subprocess.run(cmd, check=True, capture_output=True, text=True)
+            rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+            print(json.dumps(rows[-1]), flush=True)
+    lines = table(rows)
     command = "python benchmarks/dtype.py " + " ".join(sys.argv[1:])
     note = (
         f"SmolLM2-135M; calibration {args.nsamples} x {args.seqlen} WikiText-2 windows "
