@@ -178,15 +178,20 @@ def checkpoint_bytes(source: str) -> int:
     return file_bytes(checkpoint_files(safetensors_folder(source)))
 
 
+def check_streams(method: type[Method]) -> None:
+    """Refuse blocks on disk for a method that needs the whole model in memory."""
+    if not method.streams:
+        streaming = sorted(n for n, m in REGISTRY.items() if m.streams)
+        raise PrunekitError(
+            f"method {method.name!r} needs the whole model in memory; with --offload disk "
+            f"use one of: {', '.join(streaming)}"
+        )
+
+
 def check_offload(plan: PrunePlan, out: Path | None, tasks: list[str]) -> None:
     """What `--offload disk` needs: a method that works block by block, an output folder
     to write the blocks to, and no in-memory evaluation."""
-    if not plan.method.streams:
-        streaming = sorted(n for n, m in REGISTRY.items() if m.streams)
-        raise PrunekitError(
-            f"method {plan.method.name!r} needs the whole model in memory; with --offload disk "
-            f"use one of: {', '.join(streaming)}"
-        )
+    check_streams(plan.method)
     if out is None:
         raise PrunekitError("--offload disk writes each pruned block to --out; give --out DIR")
     if tasks:
@@ -486,8 +491,8 @@ def run_plan(
     check_protocol(protocol)
     check_run(device, batch_size)
     check_compute_dtype(plan.method, compute_dtype)
-    if lm.adapter.offload is not None and not plan.method.streams:
-        check_offload(plan, Path("."), [])
+    if lm.adapter.offload is not None:
+        check_streams(plan.method)
     ranks = world()[1]
     if ranks > 1 and not plan.method.distributes:
         spread = sorted(n for n, m in REGISTRY.items() if m.distributes)

@@ -11,6 +11,8 @@ rank 0 writes it. Works with gloo on CPU and NCCL on GPUs (one device per rank).
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
@@ -56,40 +58,40 @@ def shard_windows(windows: torch.Tensor) -> torch.Tensor:
     return windows[rank::size]
 
 
-def _lost(err: Exception) -> PrunekitError:
-    return PrunekitError(
-        f"a process of the distributed job ended ({type(err).__name__}); stopping, nothing written"
-    )
+@contextmanager
+def _collective() -> Iterator[None]:
+    """A failed collective (a peer process ended) becomes one clear line."""
+    try:
+        yield
+    except (RuntimeError, dist.DistBackendError) as err:
+        raise PrunekitError(
+            f"a process of the distributed job ended ({type(err).__name__}); stopping, "
+            "nothing written"
+        ) from err
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum `tensor` over ranks in place (on the group's device)."""
-    try:
+    with _collective():
         moved = tensor.to(_group_device())
         dist.all_reduce(moved)
-    except (RuntimeError, dist.DistBackendError) as err:
-        raise _lost(err) from err
     tensor.copy_(moved.to(tensor.device))
     return tensor
 
 
 def all_gather(tensor: torch.Tensor) -> list[torch.Tensor]:
     """`tensor` from every rank, in rank order."""
-    try:
+    with _collective():
         moved = tensor.to(_group_device())
         parts = [torch.empty_like(moved) for _ in range(world()[1])]
         dist.all_gather(parts, moved)
-    except (RuntimeError, dist.DistBackendError) as err:
-        raise _lost(err) from err
     return [p.to(tensor.device) for p in parts]
 
 
 def barrier() -> None:
     if world()[1] > 1:
-        try:
+        with _collective():
             dist.barrier()
-        except (RuntimeError, dist.DistBackendError) as err:
-            raise _lost(err) from err
 
 
 def _group_device() -> torch.device:

@@ -12,7 +12,6 @@ import json
 import shutil
 from pathlib import Path
 
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from prunekit.errors import PrunekitError
@@ -41,31 +40,12 @@ def write_offloaded(lm: LoadedModel, folder: Path) -> None:
     save_file(head, str(folder / names[0]), metadata={"format": "pt"})
     weight_map = dict.fromkeys(head, names[0])
     total = sum(t.numel() * t.element_size() for t in head.values())
-    for index, name in enumerate(names[1:]):
-        staged = offload.staged(index)
-        with safe_open(str(staged), "pt") as f:
-            keys = f.keys()
-            for key in keys:
-                weight_map[key] = name
-                sl = f.get_slice(key)
-                total += _numel(sl.get_shape()) * _itemsize(sl.get_dtype())
-        shutil.move(str(staged), folder / name)
+    for index, name in enumerate(names[1:]):  # a staged block holds `names(index)`
+        weight_map.update(dict.fromkeys(offload.names(index), name))
+        total += offload.block_bytes(index)
+        shutil.move(str(offload.staged(index)), folder / name)
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
     lm.model.config.save_pretrained(folder)
     if lm.model.generation_config is not None:
         lm.model.generation_config.save_pretrained(folder)
-
-
-def _numel(shape: list[int]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
-
-
-_ITEMSIZE = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "I8": 1, "U8": 1}
-
-
-def _itemsize(dtype: str) -> int:
-    return _ITEMSIZE.get(dtype, 4)
