@@ -51,17 +51,15 @@ def prune_options(run: str, args: argparse.Namespace) -> tuple[str, dict, int, i
     """Method, options, calibration windows and window length of one benchmark run.
 
     `slicegpt` removes a share of decoder parameters; `slicegpt_width` slices a share of
-    the hidden width (the paper's slicing ratio).
+    the hidden width (the paper's slicing ratio); `bonsai_ridge` is Bonsai with `fit=ridge`.
     """
     if run in ("slicegpt", "slicegpt_width"):
         budget = "parameters" if run == "slicegpt" else "width"
         return "slicegpt", {"budget": budget}, args.nsamples, args.seqlen
-    options = {
-        "samples": args.bonsai_samples,
-        "iterations": args.bonsai_iterations,
-        "channel_group": args.bonsai_channel_group,
-    }
-    return run, options, args.bonsai_nsamples, args.bonsai_seqlen
+    options = {"samples": args.bonsai_samples, "prune_frac": args.bonsai_prune_frac}
+    if run == "bonsai_ridge":
+        options["fit"] = "ridge"
+    return "bonsai", options, args.bonsai_nsamples, args.bonsai_seqlen
 
 
 def markdown(payload: dict) -> str:
@@ -71,11 +69,11 @@ def markdown(payload: dict) -> str:
     calibration = []
     if {"slicegpt", "slicegpt_width"} & set(methods):
         calibration.append(f"SliceGPT {a['nsamples']} x {a['seqlen']} tokens")
-    if "bonsai" in methods:
+    if {"bonsai", "bonsai_ridge"} & set(methods):
         calibration.append(
             f"Bonsai {a['bonsai_nsamples']} x {a['bonsai_seqlen']} tokens, "
-            f"{a['bonsai_samples']} sub-models x {a['bonsai_iterations']} rounds, "
-            f"{a['bonsai_channel_group']} channels per unit"
+            f"{a['bonsai_samples']} sub-models per round, "
+            f"{a['bonsai_prune_frac']} of the parameters per round"
         )
     lines = [
         f"Model {a['model']}; test perplexity on the first "
@@ -118,9 +116,8 @@ def main() -> None:
     parser.add_argument("--seqlen", type=int, default=512, help="SliceGPT window length")
     parser.add_argument("--bonsai-nsamples", type=int, default=4)
     parser.add_argument("--bonsai-seqlen", type=int, default=128)
-    parser.add_argument("--bonsai-samples", type=int, default=128)
-    parser.add_argument("--bonsai-iterations", type=int, default=2)
-    parser.add_argument("--bonsai-channel-group", type=int, default=192)
+    parser.add_argument("--bonsai-samples", type=int, default=200)
+    parser.add_argument("--bonsai-prune-frac", type=float, default=0.05)
     parser.add_argument("--eval-limit", type=int, default=None)
     parser.add_argument("--eval-seqlen", type=int, default=1024)
     parser.add_argument("--datasets", default="wikitext2,ptb", help="perplexity test sets")
@@ -156,11 +153,11 @@ def main() -> None:
             )
             prune_s = time.perf_counter() - start
             ppl = prunekit.evaluate(lm, datasets, args.eval_seqlen, args.eval_limit)
-            details = {k: v for k, v in record.details.items() if k != "kept"}
-            if "kept" in record.details:
-                kept = record.details["kept"].values()
-                details["kv_groups_per_block"] = [len(k["kv_groups"]) for k in kept]
-                details["channels_per_block"] = [len(k["channels"]) for k in kept]
+            details = {k: v for k, v in record.details.items() if k != "widths"}
+            if "widths" in record.details:
+                widths = record.details["widths"].values()
+                details["kv_groups_per_block"] = [w["kv_groups"] for w in widths]
+                details["channels_per_block"] = [w["channels"] for w in widths]
             run = {
                 "method": name,
                 "sparsity": sparsity,

@@ -1,18 +1,26 @@
 """Bonsai (Dery et al., 2024, "Everybody Prune Now"): structured pruning from forward
-passes only.
+passes only, as ldery/Bonsai does it.
 
-Units are KV groups (a KV head with its query heads) and groups of MLP channels. Each
-round samples sub-models that keep every remaining unit with probability `keep_ratio`,
-measures each sub-model's calibration loss (mean token NLL) with the dropped units
-zeroed by hooks, and fits a ridge regression of the loss on the keep masks. A unit's
-coefficient estimates how much keeping it lowers the loss; units with the smallest
-loss increase per parameter are removed until the round's share of the parameter
-budget is spent. After the last round the removed units are cut out by the surgery.
+Units are single attention heads (a KV group on GQA models: a query head alone cannot be
+cut without giving groups different sizes) and single MLP channels. Rounds remove
+`prune_frac` of the original decoder parameters each (the last one what is left), until
+the sparsity is within `tol` of the target. Each round:
 
-MLP channels are grouped so the regression has few enough unknowns: within a block the
-channels are sorted by a data-free magnitude score (the magnitude-SP sum of |W| over
-each channel's weights) and cut into groups of `channel_group`, so a group holds
-channels of similar size rather than arbitrary neighbours.
+1. Prior: a Wanda score per unit from one pass of the unmasked model (per input column of
+   o / down: mean over rows of |W| times the column's RMS activation, averaged over the
+   forward batches; a head's columns averaged). Per block part (attention, MLP), the top
+   `int(n·(1 − 2·f))` units are fixed (never dropped); the others are dropped with
+   probability proportional to `max(score) − score`.
+2. `samples` sub-models in complementary pairs: one drops `int(f·n) + 1` units per part,
+   its complement drops every non-fixed unit the first one kept. Each is scored by −PPL
+   on the calibration windows.
+3. A linear model of −PPL on the non-fixed units' keep masks, L1-regularised, its
+   settings chosen by cross-validated Kendall tau (`bonsai_regression.fit_l1`).
+4. The units with the smallest coefficients are cut (model-wide, weighted by parameter
+   count) while their cumulative cost stays within the round's budget.
+
+A block always keeps at least one unit of each part (prunekit's surgery keeps attention
+and MLP in every block; the reference may drop a whole module).
 """
 
 from __future__ import annotations
@@ -24,11 +32,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from prunekit.errors import PrunekitError
+from prunekit.errors import PrunekitError, choice_error
 from prunekit.eval.perplexity import window_nll
 from prunekit.methods.base import Method, MethodConfig, PruneRequest, register
-from prunekit.methods.width.base import check_reachable, summed_scores, weight_values
-from prunekit.models.adapter import ModelAdapter
+from prunekit.methods.width.base import check_reachable
+from prunekit.methods.width.bonsai_regression import fit_l1, fit_ridge
+from prunekit.models.adapter import ModelAdapter, weight_matrix
 from prunekit.models.loading import LoadedModel
 from prunekit.progress import progress as tqdm
 from prunekit.surgery.plan import block_costs
@@ -41,76 +50,81 @@ from prunekit.surgery.width import (
 )
 
 GROUP, CHANNELS = "kv_group", "channels"
+PRIORS = ("wanda", "magnitude", "random")
+FITS = ("l1", "ridge")
+MAX_PPL = 1e8  # the reference clips a sub-model's perplexity here
 
 
 @dataclass
 class BonsaiConfig(MethodConfig):
-    iterations: int = 4  # pruning rounds; each removes its share of the budget
-    samples: int = 64  # sub-models evaluated per round
-    keep_ratio: float = 0.9  # probability that a sub-model keeps each remaining unit
-    channel_group: int = 32  # MLP channels per prunable unit
-    ridge: float = 1.0  # L2 penalty of the importance regression
+    prune_frac: float = 0.05  # share of the original decoder parameters cut per round
+    samples: int = 200  # sub-models per round (complementary pairs)
+    prior: str = "wanda"  # wanda | magnitude | random: unit scores that steer sampling
+    mlp_attn_ratio: float = 1.0  # attention drops prune_frac * this per sub-model
+    tol: float = 0.02  # stop when the sparsity is within this of the target
+    fit: str = "l1"  # l1 (reference: Adam, L1, cross-validated settings) | ridge (closed form)
+    epochs: int = 50  # epochs of the L1 fit
+    ridge: float = 1.0  # penalty of fit=ridge
 
     def __post_init__(self) -> None:
-        if self.iterations < 1 or self.samples < 2 or self.channel_group < 1:
-            raise PrunekitError("iterations and channel_group must be >= 1, samples >= 2")
-        if not 0.0 < self.keep_ratio < 1.0:
-            raise PrunekitError(f"keep_ratio must be in (0, 1), got {self.keep_ratio}")
-        if self.ridge < 0:
-            raise PrunekitError(f"ridge must be >= 0, got {self.ridge}")
+        if not 0.0 < self.prune_frac < 0.5:
+            raise PrunekitError(f"prune_frac must be in (0, 0.5), got {self.prune_frac}")
+        if self.samples < 2 or self.samples % 2:
+            raise PrunekitError(f"samples must be even and >= 2, got {self.samples}")
+        if self.prior not in PRIORS:
+            raise choice_error("prior", self.prior, PRIORS)
+        if self.fit not in FITS:
+            raise choice_error("fit", self.fit, FITS)
+        if self.mlp_attn_ratio <= 0 or self.tol < 0 or self.epochs < 1 or self.ridge < 0:
+            raise PrunekitError("mlp_attn_ratio must be > 0, tol and ridge >= 0, epochs >= 1")
 
 
 @dataclass(frozen=True)
-class Unit:
-    """One prunable structure: KV groups or MLP channels `members` of block `block`."""
+class Part:
+    """The KV groups or the MLP channels of block `block`: `size` units of `cost` params."""
 
     block: int
     kind: str  # GROUP or CHANNELS
-    members: tuple[int, ...]
-    cost: int  # parameters removed with it
+    size: int
+    cost: int
 
 
-def build_units(adapter: ModelAdapter, channel_group: int) -> list[Unit]:
-    """Every block's KV groups (when heads are removable) and MLP channel groups."""
-    units = []
+def build_parts(adapter: ModelAdapter) -> list[Part]:
+    """Every block's attention (when heads are removable and it has >1 KV group) and MLP."""
+    parts = []
     for index, block in enumerate(adapter.blocks):
         costs, widths = block_costs(adapter, block), block_widths(adapter, block)
         if adapter.spec.heads_removable and widths.kv_heads > 1:
-            units += [Unit(index, GROUP, (g,), costs.group) for g in range(widths.kv_heads)]
-        _, magnitude = summed_scores(adapter, block, weight_values(adapter, block))
-        order = torch.argsort(magnitude, stable=True)
-        for chunk in order.split(channel_group):
-            members = tuple(sorted(chunk.tolist()))
-            units.append(Unit(index, CHANNELS, members, costs.channel * len(members)))
-    return units
+            parts.append(Part(index, GROUP, widths.kv_heads, costs.group))
+        parts.append(Part(index, CHANNELS, widths.intermediate, costs.channel))
+    return parts
+
+
+def offsets(parts: list[Part]) -> list[int]:
+    """Start of each part's units in the flat unit vector (and the total at the end)."""
+    starts = [0]
+    for part in parts:
+        starts.append(starts[-1] + part.size)
+    return starts
+
+
+def _output_linear(adapter: ModelAdapter, part: Part) -> nn.Module:
+    return adapter.linear(adapter.blocks[part.block], "o" if part.kind == GROUP else "down")
 
 
 class StructureMasks:
-    """Zero removed units by scaling the inputs of each block's o and down projections.
+    """Zero dropped units by scaling the inputs of each part's o or down projection:
+    exactly the function of the model with those structures cut out."""
 
-    Dropping a KV group's query-head outputs before o, or channels before down, gives
-    exactly the function of the model with those structures cut out.
-    """
-
-    def __init__(self, adapter: ModelAdapter, units: list[Unit]):
-        self.adapter = adapter
-        self.units = units
+    def __init__(self, adapter: ModelAdapter, parts: list[Part]):
+        self.adapter, self.parts = adapter, parts
         self.head_width = adapter.head_dim * (adapter.num_heads // adapter.num_kv_heads)
-        self.groups: list[torch.Tensor] = []
-        self.channels: list[torch.Tensor] = []
-        for block in adapter.blocks:
-            widths = block_widths(adapter, block)
-            self.groups.append(torch.ones(widths.kv_heads))
-            self.channels.append(torch.ones(widths.intermediate))
+        self.masks = [torch.ones(part.size) for part in parts]
 
-    def set_alive(self, alive: torch.Tensor) -> None:
-        """Keep exactly the units with `alive[i]` True ([units], bool)."""
-        for mask in (*self.groups, *self.channels):
-            mask.fill_(1.0)
-        for unit, keep in zip(self.units, alive.tolist(), strict=True):
-            if not keep:
-                target = self.groups if unit.kind == GROUP else self.channels
-                target[unit.block][list(unit.members)] = 0.0
+    def set_keep(self, keep: torch.Tensor) -> None:
+        """Keep the units where `keep` [units] (0/1, flat over parts) is 1."""
+        for mask, start, part in zip(self.masks, offsets(self.parts), self.parts, strict=False):
+            mask.copy_(keep[start : start + part.size])
 
     @contextmanager
     def attached(self) -> Iterator[StructureMasks]:
@@ -124,11 +138,12 @@ class StructureMasks:
 
             return fn
 
-        handles = []
-        for index, block in enumerate(self.adapter.blocks):
-            o, down = self.adapter.linear(block, "o"), self.adapter.linear(block, "down")
-            handles.append(o.register_forward_pre_hook(hook(self.groups[index], self.head_width)))
-            handles.append(down.register_forward_pre_hook(hook(self.channels[index], 1)))
+        handles = [
+            _output_linear(self.adapter, part).register_forward_pre_hook(
+                hook(mask, self.head_width if part.kind == GROUP else 1)
+            )
+            for part, mask in zip(self.parts, self.masks, strict=True)
+        ]
         try:
             yield self
         finally:
@@ -136,92 +151,126 @@ class StructureMasks:
                 handle.remove()
 
 
-def mean_loss(model: nn.Module, windows: torch.Tensor, batch_size: int) -> float:
-    """Mean next-token NLL (nats) of `model` over `windows` [n, L]."""
-    total, count = window_nll(model, windows, batch_size, progress=False)
-    return total / count
-
-
-def ridge_fit(keep: torch.Tensor, loss: torch.Tensor, penalty: float) -> torch.Tensor:
-    """Coefficients β [units] of loss ≈ β₀ + keep · β (keep [samples, units]), ridge."""
-    x = keep.double() - keep.double().mean(0)
-    y = loss.double() - loss.double().mean()
-    gram = x.t() @ x + penalty * torch.eye(x.shape[1], dtype=torch.float64)
-    return torch.linalg.solve(gram, x.t() @ y)
-
-
-def estimate_harm(
+def prior_scores(
     model: nn.Module,
+    adapter: ModelAdapter,
+    parts: list[Part],
     windows: torch.Tensor,
-    masks: StructureMasks,
-    alive: torch.Tensor,
-    config: BonsaiConfig,
+    prior: str,
+    batch_size: int,
     generator: torch.Generator,
-    batch_size: int = 8,
-) -> tuple[torch.Tensor, dict]:
-    """Estimated loss increase (nats) from removing each alive unit ([units], NaN for
-    removed ones), from `config.samples` random sub-models; also facts about the fit."""
-    candidates = alive.nonzero().flatten()
-    keep = torch.rand(config.samples, candidates.numel(), generator=generator) < config.keep_ratio
-    losses = torch.empty(config.samples, dtype=torch.float64)
-    for s in tqdm(range(config.samples), desc="bonsai sub-models", leave=False):
-        state = alive.clone()
-        state[candidates[~keep[s]]] = False
-        masks.set_alive(state)
-        losses[s] = mean_loss(model, windows, batch_size)
-    masks.set_alive(alive)
-    beta = ridge_fit(keep, losses, config.ridge)
-    harm = torch.full((alive.numel(),), float("nan"), dtype=torch.float64)
-    harm[candidates] = -beta
-    fitted = (keep.double() - keep.double().mean(0)) @ beta + losses.mean()
-    spread = (losses - losses.mean()).pow(2).sum().clamp_min(1e-30)
-    r2 = 1 - float((losses - fitted).pow(2).sum() / spread)
-    return harm, {"mean_submodel_loss": float(losses.mean()), "fit_r2": round(r2, 4)}
+) -> list[torch.Tensor]:
+    """Per part, a score per unit ([size], float32; higher = more important), from one pass
+    over `windows` [n, L]: per input column of o / down, Wanda (mean over rows of |W| times
+    the column's RMS input) or magnitude (mean |input|), averaged over forward batches;
+    a KV group's columns averaged. `random` draws uniform scores."""
+    if prior == "random":
+        return [torch.rand(part.size, generator=generator) for part in parts]
+    sums: list[torch.Tensor | None] = [None] * len(parts)
+
+    def hook(index: int):
+        def fn(module: nn.Module, args: tuple) -> None:
+            x = args[0].detach().float().flatten(0, -2)
+            if prior == "wanda":
+                rms = x.pow(2).mean(0).sqrt()
+                value = (weight_matrix(module).float().abs() * rms).mean(0)
+            else:
+                value = x.abs().mean(0)
+            sums[index] = value if sums[index] is None else sums[index] + value
+
+        return fn
+
+    handles = [
+        _output_linear(adapter, part).register_forward_pre_hook(hook(i))
+        for i, part in enumerate(parts)
+    ]
+    try:
+        window_nll(model, windows, batch_size, progress=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    batches = -(-windows.shape[0] // batch_size)
+    return [
+        (total.cpu() / batches).view(part.size, -1).mean(1)
+        for total, part in zip(sums, parts, strict=True)
+    ]
 
 
-def select_removals(
-    harm: torch.Tensor, units: list[Unit], alive: torch.Tensor, budget: float
-) -> list[int]:
-    """Alive units with the least harm per parameter, while their cost fits `budget`;
-    a block always keeps at least one KV group and one channel unit."""
-    left: dict[tuple[int, str], int] = {}
-    for unit, keep in zip(units, alive.tolist(), strict=True):
-        if keep:
-            left[unit.block, unit.kind] = left.get((unit.block, unit.kind), 0) + 1
-    candidates = alive.nonzero().flatten().tolist()
-    order = sorted(candidates, key=lambda i: (float(harm[i]) / units[i].cost, i))
-    chosen = []
-    for i in order:
-        unit = units[i]
-        if unit.cost <= budget and left[unit.block, unit.kind] > 1:
-            chosen.append(i)
-            left[unit.block, unit.kind] -= 1
-            budget -= unit.cost
-    return chosen
+@dataclass
+class SamplingPlan:
+    """One part's fixed units, its sampled units and their drop probabilities [size]."""
+
+    fixed: torch.Tensor
+    sampled: torch.Tensor
+    proba: torch.Tensor
+    drop: int  # units dropped per sub-model
 
 
-def remove_units(adapter: ModelAdapter, units: list[Unit], alive: torch.Tensor) -> dict:
-    """Cut the dead units out of the blocks; `{block: {"kv_groups", "channels"}}` kept."""
-    kept = {}
-    for index, block in enumerate(adapter.blocks):
-        widths = block_widths(adapter, block)
-        groups, channels = set(range(widths.kv_heads)), set(range(widths.intermediate))
-        for unit, keep in zip(units, alive.tolist(), strict=True):
-            if unit.block == index and not keep:
-                (groups if unit.kind == GROUP else channels).difference_update(unit.members)
-        if len(groups) < widths.kv_heads:
-            keep_heads(adapter, block, sorted(groups))
-        if len(channels) < widths.intermediate:
-            keep_channels(adapter, block, sorted(channels))
-        kept[str(index)] = {"kv_groups": sorted(groups), "channels": sorted(channels)}
+def sampling_plan(scores: torch.Tensor, frac: float) -> SamplingPlan:
+    """Fix the top `int(n·(1 − 2·frac))` units (at least one); drop the rest with
+    probability ∝ max(score) − score, `int(frac·n) + 1` of them per sub-model."""
+    n = scores.numel()
+    order = torch.argsort(-scores.double(), stable=True)
+    fixed_count = max(int(n * (1.0 - 2.0 * frac)), 1)
+    fixed, sampled = order[:fixed_count], order[fixed_count:]
+    proba = (scores.max() - scores).double()
+    proba[fixed] = 0.0
+    if float(proba.sum()) <= 0.0:  # ties everywhere: uniform over the sampled units
+        proba[sampled] = 1.0
+    proba = proba / proba.sum() if sampled.numel() else proba
+    drop = min(int(frac * n) + 1, int((proba > 0).sum()))
+    return SamplingPlan(fixed, sampled, proba, drop)
+
+
+def sample_pairs(
+    parts: list[Part], plans: list[SamplingPlan], samples: int, generator: torch.Generator
+) -> torch.Tensor:
+    """Keep masks [samples, units] (flat over parts) in complementary pairs: a random
+    sub-model, then its complement over the non-fixed units."""
+    starts = offsets(parts)
+    fixed = torch.cat([plan.fixed + start for plan, start in zip(plans, starts, strict=False)])
+    rows = []
+    for _ in range(samples // 2):
+        keep = torch.ones(starts[-1])
+        for plan, start in zip(plans, starts, strict=False):
+            if plan.drop:
+                keep[start + torch.multinomial(plan.proba, plan.drop, generator=generator)] = 0.0
+        complement = 1.0 - keep
+        complement[fixed] = 1.0
+        rows += [keep, complement]
+    return torch.stack(rows)
+
+
+def select_removals(coefficients: torch.Tensor, costs: torch.Tensor, budget: int) -> torch.Tensor:
+    """Positions of the lowest coefficients [m] whose cumulative cost [m] stays <= budget."""
+    order = torch.argsort(coefficients, stable=True)
+    spent = torch.cumsum(costs[order], 0)
+    return order[spent <= budget]
+
+
+def cut_units(adapter: ModelAdapter, parts: list[Part], removed: torch.Tensor) -> None:
+    """Cut the flat unit indices `removed` out of their blocks."""
+    starts = offsets(parts)
+    for part, start in zip(parts, starts, strict=False):
+        mine = removed[(removed >= start) & (removed < start + part.size)] - start
+        if not mine.numel():
+            continue
+        kept = sorted(set(range(part.size)) - set(mine.tolist()))
+        block = adapter.blocks[part.block]
+        (keep_heads if part.kind == GROUP else keep_channels)(adapter, block, kept)
     update_config_widths(adapter)
-    return kept
+
+
+def calib_ppl(model: nn.Module, windows: torch.Tensor, batch_size: int) -> float:
+    """Perplexity over `windows` [n, L], clipped at MAX_PPL."""
+    total, count = window_nll(model, windows, batch_size, progress=False)
+    return min(float(torch.tensor(total / count).exp()), MAX_PPL)
 
 
 @register
 class Bonsai(Method):
     name = "bonsai"
-    summary = "forward passes of random sub-models, regression of loss on kept structures"
+    summary = "forward passes of random sub-models, regression of -PPL on kept heads/channels"
     kind = "structured"
     supports_nm = False
     sparsity_meaning = "share of decoder-block parameters removed"
@@ -231,45 +280,83 @@ class Bonsai(Method):
     def run(self, lm: LoadedModel, calib: torch.Tensor | None, request: PruneRequest) -> dict:
         config, adapter, model = self.config, lm.adapter, lm.model
         before = decoder_parameters(adapter)
-        target = request.sparsity * before
-        units = build_units(adapter, config.channel_group)
-        cheapest: dict[tuple[int, str], int] = {}
-        for unit in units:
-            key = unit.block, unit.kind
-            cheapest[key] = min(cheapest.get(key, unit.cost), unit.cost)
-        most = sum(unit.cost for unit in units) - sum(cheapest.values())
-        check_reachable(
-            self.name,
-            request.sparsity,
-            most / before,
-            f"one KV group and one unit of {config.channel_group} MLP channels stay per block",
-        )
-        alive = torch.ones(len(units), dtype=torch.bool)
+        parts = build_parts(adapter)
+        most = sum((part.size - 1) * part.cost for part in parts) / before
+        check_reachable(self.name, request.sparsity, most, "one head and one channel stay")
         generator = torch.Generator().manual_seed(request.seed)
         home = next(model.parameters()).device
         model.to(request.device)
-        masks = StructureMasks(adapter, units)
-        removed, rounds = 0, []
-        with masks.attached():
-            for step in tqdm(range(config.iterations), desc="bonsai rounds", leave=False):
-                budget = target * (step + 1) / config.iterations - removed
-                harm, fit = estimate_harm(
-                    model, calib, masks, alive, config, generator, request.batch_size
-                )
-                chosen = select_removals(harm, units, alive, budget)
-                alive[chosen] = False
-                removed += sum(units[i].cost for i in chosen)
-                masks.set_alive(alive)
-                loss = mean_loss(model, calib, request.batch_size)
-                rounds.append({**fit, "removed_units": len(chosen), "loss_after": round(loss, 6)})
+        rounds, current = [], 0.0
+        bar = tqdm(desc="bonsai rounds", total=round(request.sparsity * 100), leave=False)
+        while abs(current - request.sparsity) >= config.tol and current < request.sparsity:
+            frac = min(config.prune_frac, request.sparsity - current)
+            facts = self._round(lm, calib, request, frac, int(before * frac), generator)
+            if not facts["removed_units"]:
+                break
+            current = 1 - decoder_parameters(adapter) / before
+            rounds.append({"prune_frac": round(frac, 6), **facts, "sparsity": round(current, 6)})
+            bar.update(round(current * 100) - bar.n)
+        bar.close()
         model.to(home)
-        kept = remove_units(adapter, units, alive)
         after = decoder_parameters(adapter)
+        kept = {
+            str(i): {
+                "kv_groups": block_widths(adapter, b).kv_heads,
+                "channels": block_widths(adapter, b).intermediate,
+            }
+            for i, b in enumerate(adapter.blocks)
+        }
         return {
-            "units": len(units),
             "decoder_parameters_before": before,
             "decoder_parameters_after": after,
             "decoder_share_removed": round(1 - after / before, 6),
             "rounds": rounds,
-            "kept": kept,
+            "widths": kept,
+        }
+
+    def _round(
+        self,
+        lm: LoadedModel,
+        calib: torch.Tensor,
+        request: PruneRequest,
+        frac: float,
+        budget: int,
+        generator: torch.Generator,
+    ) -> dict:
+        """One Bonsai round removing at most `budget` parameters; facts about it."""
+        config, adapter, model = self.config, lm.adapter, lm.model
+        parts = build_parts(adapter)
+        scores = prior_scores(
+            model, adapter, parts, calib, config.prior, request.batch_size, generator
+        )
+        plans = [
+            sampling_plan(s, frac * (config.mlp_attn_ratio if p.kind == GROUP else 1.0))
+            for s, p in zip(scores, parts, strict=True)
+        ]
+        keep = sample_pairs(parts, plans, config.samples, generator)
+        perf = torch.empty(config.samples, dtype=torch.float64)
+        masks = StructureMasks(adapter, parts)
+        with masks.attached():
+            for s in tqdm(range(config.samples), desc="bonsai sub-models", leave=False):
+                masks.set_keep(keep[s])
+                perf[s] = -calib_ppl(model, calib, request.batch_size)
+        starts = offsets(parts)
+        sampled = torch.cat([p.sampled + s for p, s in zip(plans, starts, strict=False)])
+        costs = torch.cat(
+            [
+                torch.full((p.sampled.numel(),), part.cost)
+                for p, part in zip(plans, parts, strict=True)
+            ]
+        )
+        if config.fit == "l1":
+            coefficients, fit = fit_l1(keep[:, sampled], perf, config.epochs, generator)
+        else:
+            coefficients, fit = fit_ridge(keep[:, sampled], perf, config.ridge), {}
+        removed = sampled[select_removals(coefficients, costs, budget)]
+        cut_units(adapter, parts, removed)
+        return {
+            **fit,
+            "mean_submodel_ppl": round(float(-perf.mean()), 4),
+            "sampled_units": int(sampled.numel()),
+            "removed_units": int(removed.numel()),
         }
