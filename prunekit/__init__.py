@@ -15,9 +15,11 @@ from prunekit.settings import VERSION as __version__
 if TYPE_CHECKING:
     from prunekit.api import evaluate, load_pruned, prune, save
     from prunekit.models.loading import LoadedModel, load_model
+    from prunekit.recovery import heal
 
 _LAZY = {
     "evaluate": "prunekit.api",
+    "heal": "prunekit.recovery",
     "load_pruned": "prunekit.api",
     "prune": "prunekit.api",
     "save": "prunekit.api",
@@ -30,6 +32,7 @@ __all__ = [
     "PrunekitError",
     "__version__",
     "evaluate",
+    "heal",
     "load_model",
     "load_pruned",
     "prune",

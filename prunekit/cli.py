@@ -310,6 +310,83 @@ def prune(
     _write_json(json_path, record.as_dict())
 
 
+@app.command()
+def heal(
+    model_dir: str = typer.Argument(..., help="pruned model folder (or any HF folder / alias)"),
+    out: Path = typer.Option(..., help="write the healed model here"),
+    method: str = typer.Option("lora", help="lora, masked_lora, perp or distill"),
+    steps: int = typer.Option(200, help="optimizer steps"),
+    data: str = typer.Option("wikitext2", help="training dataset or text file"),
+    split: str | None = typer.Option(None, help="dataset split [default: its calibration split]"),
+    batch_size: int = typer.Option(8, help="windows per step"),
+    seqlen: int = typer.Option(512, help="tokens per window"),
+    lr: float = typer.Option(1e-4, help="peak learning rate"),
+    schedule: str = typer.Option("cosine", help="cosine, linear or constant after warm-up"),
+    warmup: int = typer.Option(0, help="warm-up steps"),
+    rank: int = typer.Option(8, help="LoRA rank"),
+    alpha: float = typer.Option(16.0, help="LoRA alpha"),
+    targets: str = typer.Option("", help="LoRA linears by role, e.g. q,v [default: all]"),
+    merge: bool = typer.Option(True, help="fold adapters into the weights, zeros kept"),
+    perp: str = typer.Option("norms", help="PERP parts: norms, biases, head, embed, lora"),
+    teacher: str | None = typer.Option(
+        None, help="dense model to distill from [distill: the source in prunekit.json]"
+    ),
+    top_k: int = typer.Option(64, help="teacher logits kept per token"),
+    temperature: float = typer.Option(1.0, help="distillation temperature"),
+    hidden_weight: float = typer.Option(0.0, help="weight of the matched block-output MSE"),
+    save_every: int = typer.Option(50, help="checkpoint every N steps (resumed on rerun)"),
+    seed: int = typer.Option(0, help="seed of the windows and adapter initialisation"),
+    overwrite: bool = typer.Option(False, help="replace an existing --out folder"),
+    threads: int | None = typer.Option(None, help=THREADS_HELP),
+    json_path: Path | None = typer.Option(None, "--json", help="write the heal record here"),
+) -> None:
+    """Heal a pruned model by LoRA, masked LoRA, PERP or distillation, keeping its zeros."""
+    from prunekit.export.folder import check_output_dir
+    from prunekit.recovery import heal as run_heal
+    from prunekit.recovery import make_config
+    from prunekit.recovery.loop import HealInterrupted
+
+    check_output_dir(out, overwrite)
+    _check_json_path(json_path)
+    _set_threads(threads)
+    config = make_config(
+        method=method,
+        steps=steps,
+        data=data,
+        split=split,
+        batch_size=batch_size,
+        seqlen=seqlen,
+        lr=lr,
+        schedule=schedule,
+        warmup=warmup,
+        rank=rank,
+        alpha=alpha,
+        targets=_split(targets) or None,
+        merge=merge,
+        perp=_split(perp),
+        teacher=teacher,
+        top_k=top_k,
+        temperature=temperature,
+        hidden_weight=hidden_weight,
+        save_every=save_every,
+        seed=seed,
+    )
+    _OUTPUTS.append(Path(out))
+    try:
+        record = run_heal(model_dir, out, config, overwrite)
+    except HealInterrupted as err:
+        raise Interrupted(str(err)) from err
+    stage = record["healing"][-1]
+    typer.echo(
+        f"heal {method} on {model_dir}: loss {stage['first_loss']} -> {stage['final_loss']}, "
+        f"{stage['trainable_parameters']:,} trainable parameters, sparsity "
+        f"{stage['sparsity_before']:.4f} -> {stage['sparsity_after']}, "
+        f"{stage['wall_time_s']:.1f} s, peak RSS {stage['peak_rss_mb']:.0f} MiB"
+    )
+    typer.echo(f"saved to {out}")
+    _write_json(json_path, stage)
+
+
 @app.command("eval")
 def evaluate(
     model: str = typer.Argument(..., help="HF folder, hub id, .gguf file, alias, or pruned dir"),

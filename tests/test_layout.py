@@ -27,6 +27,7 @@ ALLOWED: dict[str, set[str]] = {
     "export": {"models", "surgery"},
     "methods": {"models", "data", "engine", "surgery", "eval"},
     "allocations": {"models", "data", "engine", "surgery", "methods"},
+    "recovery": {"models", "data", "export"},
     "api": {
         "models",
         "data",
@@ -48,6 +49,7 @@ ALLOWED: dict[str, set[str]] = {
         "methods",
         "allocations",
         "inference",
+        "recovery",
         "api",
         "root",
     },
@@ -61,11 +63,12 @@ ALLOWED: dict[str, set[str]] = {
         "methods",
         "allocations",
         "inference",
+        "recovery",
         "api",
         "bench",
         "root",
     },
-    "root": {"api", "models"},
+    "root": {"api", "models", "recovery"},
 }
 
 

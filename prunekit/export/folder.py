@@ -23,7 +23,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -211,9 +211,14 @@ def _apply_umask(folder: Path) -> None:
 
 
 def save_pruned(
-    lm: LoadedModel, out: str | Path, record: dict[str, Any], overwrite: bool = False
+    lm: LoadedModel,
+    out: str | Path,
+    record: dict[str, Any],
+    overwrite: bool = False,
+    extra: Callable[[Path], None] | None = None,
 ) -> Path:
     """Save model, tokenizer and `record` to `out`; the folder appears only when complete.
+    `extra(folder)` writes further files (e.g. a LoRA adapter) before the folder appears.
 
     Without `overwrite`, a folder that appears at `out` while this one is written wins:
     this save then fails and leaves nothing behind.
@@ -236,6 +241,8 @@ def save_pruned(
             shutil.copy(inspect.getsourcefile(sliced_modeling), tmp / sliced_modeling.MODELING_FILE)
         if lm.tokenizer is not None:
             lm.tokenizer.save_pretrained(tmp)
+        if extra is not None:
+            extra(tmp)
         record = {**record, "layout": layout}
         (tmp / RECORD_FILE).write_text(json.dumps(record, indent=2, sort_keys=False) + "\n")
         _apply_umask(tmp)
