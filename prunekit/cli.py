@@ -227,6 +227,9 @@ def prune(
     ),
     threads: int | None = typer.Option(None, help=THREADS_HELP),
     json_path: Path | None = typer.Option(None, "--json", help="write the run's record here"),
+    recipe: Path | None = typer.Option(
+        None, help="YAML list of stages (methods and heal) to apply in order; needs --out"
+    ),
 ) -> None:
     """Prune MODEL and optionally evaluate and save it."""
     from prunekit import api
@@ -234,6 +237,9 @@ def prune(
 
     if out is not None:
         check_output_dir(out, overwrite)
+    if recipe is not None:
+        _run_recipe(model, recipe, out, overwrite, device, threads)
+        return
     _check_json_path(json_path)
     _set_threads(threads)
     plan = api.plan_prune(
@@ -541,6 +547,24 @@ def allocations() -> None:
         cls = ALLOCATIONS[name]
         options = ",".join(f"{f.name}={f.default}" for f in dataclasses.fields(cls.Config))
         typer.echo(f"{name:<18}{cls.summary}" + (f"  [{name}:{options}]" if options else ""))
+
+
+def _run_recipe(
+    model: str, recipe: Path, out: Path | None, overwrite: bool, device: str, threads: int | None
+) -> None:
+    from prunekit.recipes import load_recipe, run_recipe
+
+    if out is None:
+        raise PrunekitError("--recipe needs --out (each finished stage is kept for resuming)")
+    _set_threads(threads)
+    _OUTPUTS.append(Path(out))
+    record = run_recipe(model, load_recipe(recipe), out, overwrite, device)
+    for i, stage in enumerate(record["stages"], 1):
+        typer.echo(
+            f"stage {i} {stage['kind']} {stage['method']}: {stage['parameters_after']:,} "
+            f"parameters, sparsity {stage['sparsity_after']:.4f}, {stage['seconds']:.1f} s"
+        )
+    typer.echo(f"saved to {out}")
 
 
 def _is_click_error(err: BaseException) -> bool:

@@ -28,6 +28,7 @@ ALLOWED: dict[str, set[str]] = {
     "methods": {"models", "data", "engine", "surgery", "eval"},
     "allocations": {"models", "data", "engine", "surgery", "methods"},
     "recovery": {"models", "data", "export"},
+    "recipes": {"models", "data", "export", "recovery", "api", "bench"},
     "api": {
         "models",
         "data",
@@ -64,6 +65,7 @@ ALLOWED: dict[str, set[str]] = {
         "allocations",
         "inference",
         "recovery",
+        "recipes",
         "api",
         "bench",
         "root",
