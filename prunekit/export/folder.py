@@ -78,15 +78,19 @@ def layout_of(model: torch.nn.Module) -> str:
 
 
 def per_layer_spec(adapter: ModelAdapter) -> list[dict[str, Any]]:
-    """Per block: `{"linears": {path: [out, in, has_bias]}, "attributes": {path: int}}`."""
+    """Per block: `{"linears": {path: [out, in, has_bias]}, "attributes": {path: int},
+    "factored": {path: [out, rank, in, has_bias]}}` (factored: `LowRankLinear`s)."""
     layers = []
     for block in adapter.blocks:
-        linears = {
-            path: [*weight_matrix(module).shape, getattr(module, "bias", None) is not None]
-            for path, module in adapter.linears(block).items()
-        }
+        linears, factored = {}, {}
+        for path, module in adapter.linears(block).items():
+            bias = getattr(module, "bias", None) is not None
+            if isinstance(module, pruned_modeling.LowRankLinear):
+                factored[path] = [module.out_features, module.rank, module.in_features, bias]
+            else:
+                linears[path] = [*weight_matrix(module).shape, bias]
         attributes = head_attributes(adapter, block) if adapter.spec.heads_removable else {}
-        layers.append({"linears": linears, "attributes": attributes})
+        layers.append({"linears": linears, "attributes": attributes, "factored": factored})
     return layers
 
 

@@ -9,7 +9,8 @@ loads the model offline with only torch and transformers installed. The class ex
 transformers class named by `BASE_CLASS_NAME`: it is built with the original widths
 (`prunekit_base_geometry` in the config), then every block's linears are resized to the
 shapes in `prunekit_layers` (`{"linears": {path: [out, in, has_bias]}, "attributes":
-{path: int}}` per block) before the checkpoint's weights are loaded into them.
+{path: int}, "factored": {path: [out, rank, in, has_bias]}}` per block; a factored linear
+becomes a `LowRankLinear`) before the checkpoint's weights are loaded into them.
 """
 
 from __future__ import annotations
@@ -60,12 +61,38 @@ def resize_linear(module: nn.Module, out_features: int, in_features: int, bias: 
         module.out_features, module.in_features = out_features, in_features
 
 
+class LowRankLinear(nn.Module):
+    """A linear stored as two factors: y = outer(inner(x)), inner [rank, in] without bias,
+    outer [out, rank] with the original bias. `weight` is their product [out, in]."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool, like=None):
+        super().__init__()
+        kwargs = {"dtype": like.dtype, "device": like.device} if like is not None else {}
+        self.inner = nn.Linear(in_features, rank, bias=False, **kwargs)
+        self.outer = nn.Linear(rank, out_features, bias=bias, **kwargs)
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.outer.weight @ self.inner.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.outer.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.outer(self.inner(x))
+
+
 def resize_blocks(model: nn.Module, config: transformers.PretrainedConfig) -> None:
     """Resize every block's linears and attention attributes as `config` records."""
     blocks = _get(model, config.prunekit_blocks)
     for block, layer in zip(blocks, config.prunekit_layers, strict=True):
         for path, (out_features, in_features, bias) in layer["linears"].items():
             resize_linear(_get(block, path), out_features, in_features, bias)
+        for path, (out_features, rank, in_features, bias) in layer.get("factored", {}).items():
+            like = _get(block, path).weight
+            _set(block, path, LowRankLinear(in_features, out_features, rank, bias, like))
         for path, value in layer["attributes"].items():
             _set(block, path, value)
 

@@ -1,0 +1,1 @@
+"""Low-rank methods: weight matrices replaced by rank-k approximations."""
