@@ -347,10 +347,10 @@ def heal(
     json_path: Path | None = typer.Option(None, "--json", help="write the heal record here"),
 ) -> None:
     """Heal a pruned model by LoRA, masked LoRA, PERP or distillation, keeping its zeros."""
+    from prunekit.engine.training import HealInterrupted
     from prunekit.export.folder import check_output_dir
     from prunekit.recovery import heal as run_heal
     from prunekit.recovery import make_config
-    from prunekit.recovery.loop import HealInterrupted
 
     check_output_dir(out, overwrite)
     _check_json_path(json_path)

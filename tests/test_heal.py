@@ -14,9 +14,9 @@ import torch.nn.functional as F
 
 import prunekit
 from prunekit.data import load_text
+from prunekit.engine.training import HealInterrupted
 from prunekit.recovery import heal as heal_folder
 from prunekit.recovery import heal_model, make_config
-from prunekit.recovery.loop import HealInterrupted
 from prunekit.recovery.teacher import kd_loss, matched_blocks
 
 

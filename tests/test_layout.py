@@ -27,7 +27,7 @@ ALLOWED: dict[str, set[str]] = {
     "export": {"models", "surgery"},
     "methods": {"models", "data", "engine", "surgery", "eval"},
     "allocations": {"models", "data", "engine", "surgery", "methods"},
-    "recovery": {"models", "data", "export"},
+    "recovery": {"models", "data", "engine", "export"},
     "recipes": {"models", "data", "export", "recovery", "api", "bench"},
     "api": {
         "models",

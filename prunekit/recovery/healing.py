@@ -27,12 +27,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from prunekit.data import calibration_windows, load_text
+from prunekit.engine.training import TrainSettings, train
 from prunekit.errors import PrunekitError, choice_error
 from prunekit.export.folder import RECORD_FILE, check_output_dir, read_record, save_pruned
 from prunekit.export.record import count_parameters, linear_zeros, peak_rss_mb
 from prunekit.models.adapter import weight_matrix
 from prunekit.models.loading import LoadedModel, load_model, load_pruned
-from prunekit.recovery.loop import TrainSettings, train
 from prunekit.recovery.lora import (
     add_masked_lora,
     add_peft_lora,

@@ -1,6 +1,6 @@
-"""The healing training loop: AdamW over the chosen parameters, a learning-rate schedule,
-a progress bar with loss and tokens/s, checkpoints every `save_every` steps, resume from
-the last checkpoint, and a checkpoint on Ctrl-C.
+"""The training loop of healing and mask learning: AdamW over the chosen parameters, a
+learning-rate schedule, a progress bar with loss and tokens/s, checkpoints every
+`save_every` steps, resume from the last checkpoint, and a checkpoint on Ctrl-C.
 
 A checkpoint holds the trainable parameters, the optimiser and schedule states, torch's
 RNG state and the losses so far, so a resumed run ends with the same weights as an

@@ -1,0 +1,1 @@
+"""Learned structured pruning: hard-concrete masks over heads, channels and blocks."""

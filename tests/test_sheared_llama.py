@@ -1,0 +1,107 @@
+"""Sheared LLaMA's hard-concrete core: gates at their extremes give the dense model and
+the cut model, the differentiable parameter count equals the real count after surgery,
+Lagrangian training ends exactly at the target shape, and the result loads in plain
+transformers."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import prunekit
+from prunekit.export.folder import save_pruned
+from prunekit.methods.base import PruneRequest
+from prunekit.methods.learned.hard_concrete import BETA, GAMMA, ZETA, HardConcrete, ModelGates
+from prunekit.methods.learned.sheared_llama import ShearedLlama, parse_target
+from prunekit.surgery.masks import Pattern
+from prunekit.surgery.width import decoder_parameters
+
+IDS = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(0))
+ON, OFF = 30.0, -30.0
+
+
+def _logits(model):
+    with torch.no_grad():
+        return model(IDS).logits
+
+
+def _set_extremes(gates: ModelGates) -> None:
+    with torch.no_grad():
+        for g in (*gates.kv, *gates.intermediate, gates.layers):
+            g.log_alpha.fill_(ON)
+        gates.kv[1].log_alpha[0] = OFF
+        gates.intermediate[2].log_alpha[5:40] = OFF
+        gates.layers.log_alpha[3] = OFF
+
+
+def test_hard_concrete_keep_probability_is_the_formula():
+    gates = HardConcrete(5, keep=0.8)
+    torch.testing.assert_close(gates.keep_probability(), torch.full((5,), 0.8))
+    a = torch.tensor([-2.0, 0.0, 3.0])
+    gates.log_alpha.data = a.clone()
+    expected = 1 / (1 + torch.exp(-(a - BETA * math.log(-GAMMA / ZETA))))
+    torch.testing.assert_close(gates.keep_probability(), expected)
+    samples = torch.stack([gates.sample(torch.Generator().manual_seed(i)) for i in range(4000)])
+    empirical = (samples > 0).float().mean(0)
+    torch.testing.assert_close(empirical, expected.detach(), atol=0.03, rtol=0)
+
+
+def test_open_gates_give_the_dense_model(stories):
+    dense = _logits(stories.model)
+    gates = ModelGates(stories.adapter)
+    with torch.no_grad():
+        for g in (*gates.kv, *gates.intermediate, gates.layers):
+            g.log_alpha.fill_(ON)
+    gates.draw(torch.Generator().manual_seed(0))  # sampled: exactly 1 at these odds
+    with gates.attached():
+        torch.testing.assert_close(_logits(stories.model), dense, rtol=1e-5, atol=1e-5)
+
+
+def test_closed_gates_equal_the_cut_model_and_its_parameter_count(stories):
+    gates = ModelGates(stories.adapter)
+    _set_extremes(gates)
+    gates.draw(None)
+    with gates.attached():
+        masked = _logits(stories.model)
+    expected = float(gates.expected_parameters().detach())
+    masks = gates.binary_masks()
+    ShearedLlama.cut(stories, masks)
+    assert len(stories.adapter.blocks) == 4
+    assert stories.adapter.linear(stories.adapter.blocks[1], "k").weight.shape[0] == 3 * 8
+    assert stories.adapter.linear(stories.adapter.blocks[2], "up").weight.shape[0] == 172 - 35
+    torch.testing.assert_close(_logits(stories.model), masked, rtol=1e-5, atol=1e-5)
+    assert expected == pytest.approx(decoder_parameters(stories.adapter), rel=1e-6)
+
+
+def test_lagrangian_training_ends_exactly_at_the_target(stories, stories_calib, tmp_path):
+    target = "kv:2,intermediate:96,layers:4"
+    with torch.no_grad():
+        gates_before = ModelGates(stories.adapter).expected_counts()
+    method = ShearedLlama(ShearedLlama.Config(target=target, steps=40, lr=0.2))
+    request = PruneRequest(
+        sparsity=0.5, pattern=Pattern(), scope="row", device="cpu", batch_size=4, seed=0
+    )
+    details = method.run(stories, stories_calib[:8, :64], request)
+    assert details["target"] == parse_target(target)
+    assert len(stories.adapter.blocks) == 4
+    for block in stories.adapter.blocks:
+        assert stories.adapter.linear(block, "k").weight.shape[0] == 2 * 8
+        assert stories.adapter.linear(block, "up").weight.shape[0] == 96
+    end = details["expected_counts_at_end"]
+    assert abs(end["kv"] - 10) < abs(float(gates_before["kv"].sum()) - 10)
+    assert abs(end["intermediate"] - 480) < abs(float(gates_before["intermediate"].sum()) - 480)
+    logits = _logits(stories.model)
+    out = tmp_path / "sheared"
+    save_pruned(stories, out, {"method": "sheared_llama"})
+    plain = AutoModelForCausalLM.from_pretrained(out)
+    torch.testing.assert_close(_logits(plain), logits)
+
+
+def test_bad_targets_are_rejected():
+    with pytest.raises(prunekit.PrunekitError, match="valid: kv, intermediate, layers"):
+        parse_target("heads:3")
+    with pytest.raises(prunekit.PrunekitError):
+        parse_target("kv:0")
