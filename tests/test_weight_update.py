@@ -14,6 +14,7 @@ from helpers import run_cli
 from tiny_models import tiny_model
 
 import prunekit
+import prunekit.api
 from prunekit.engine import SequentialRunner
 from prunekit.methods import PruneRequest, get_method
 from prunekit.methods.unstructured.admm_gradual import cubic_sparsity, relaxed_mask
@@ -24,7 +25,7 @@ from prunekit.models import LoadedModel, adapter_for
 from prunekit.models.adapter import weight_matrix
 from prunekit.surgery.masks import Pattern, Target, is_valid_nm, make_mask
 
-FAST_ALPS = {"max_iterations": 12, "min_iterations": 6, "pcg_iterations": 20}
+FAST_ALPS = {"max_iterations": 12, "min_iterations": 6, "cg_iterations": 10}
 FAST_GRADUAL = {"iterations": 6, "ramp": 4}
 
 

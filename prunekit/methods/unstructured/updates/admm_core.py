@@ -44,7 +44,8 @@ class LayerProblem:
 
     @classmethod
     def build(cls, weight: torch.Tensor, hessian: torch.Tensor, damp: float) -> LayerProblem:
-        """From W₀ [out, in] and H [in, in] (any positive scale).
+        """From W₀ [out, in] and H [in, in] (any positive scale); `damp` is added to the
+        normalised H's unit diagonal (the ADMM update's convention).
 
         A dead input (H_jj = 0, never active on the calibration data) gets H_jj = 1 for
         the solves and a zero weight, as the references' √H_jj + ε scaling makes it: its
@@ -61,6 +62,25 @@ class LayerProblem:
         damped = plain + damp * torch.eye(plain.shape[0], dtype=plain.dtype, device=plain.device)
         dense = weight.float() * scale.float().unsqueeze(0)
         dense[:, dead] = 0
+        return cls(damped, plain, dense, dense @ damped, scale.float())
+
+    @classmethod
+    def build_damped_first(
+        cls, weight: torch.Tensor, hessian: torch.Tensor, damp: float
+    ) -> LayerProblem:
+        """ALPS's convention: add `damp`·mean(diag H) to H's diagonal, then scale columns by
+        √diag + 1e-8 (a dead input keeps a small weight, W_j·√damp)."""
+        h = hessian.double().clone()
+        plain_diag = torch.diagonal(h).clone()
+        torch.diagonal(h).add_(damp * float(plain_diag.mean()))
+        scale = torch.diagonal(h).sqrt() + 1e-8
+        damped = (h / scale.unsqueeze(0) / scale.unsqueeze(1)).float()
+        plain = (
+            (h - torch.diag(torch.diagonal(h) - plain_diag))
+            / scale.unsqueeze(0)
+            / scale.unsqueeze(1)
+        ).float()
+        dense = weight.float() * scale.float().unsqueeze(0)
         return cls(damped, plain, dense, dense @ damped, scale.float())
 
     def restore(self, weight: torch.Tensor) -> torch.Tensor:
