@@ -1,15 +1,22 @@
-"""Gradual ADMM pruning (Boža 2024, section "gradual pruning"): the mask is re-chosen
-from the current ADMM iterate while its sparsity rises on a cubic schedule, then held at
-the target while ADMM finishes the weight update.
+"""Gradual ADMM pruning (Boža 2024, section "gradual pruning"; fmfi-compbio/admm-pruning
+`lib/admm.py`): the mask is re-chosen from the current ADMM iterate during the first
+`ramp` iterations, then held while ADMM finishes the weight update.
 
-At iteration t < ramp the sparsity is s·(1 − (1 − (t+1)/ramp)³), reaching the target s at
-t = ramp − 1. Each intermediate mask relaxes the target pattern: the positions the target
-pattern (row / layer / N:M) would keep stay kept, and among the rest the least important
-are pruned up to the current sparsity, so the last mask is exactly the target (valid N:M).
+With `schedule=reference` (default) the mask follows the reference code: at layer scope
+(its default, `per_out=False`) an unstructured mask is re-chosen at the full target
+sparsity in every ramp iteration; N:M and per-row masks ramp on the cubic schedule.
+`schedule=cubic` ramps every pattern as the paper describes: at iteration t < ramp the
+sparsity is s·(1 − (1 − (t+1)/ramp)³), reaching s at t = ramp − 1.
+
+A ramped mask relaxes the target pattern: the positions the target pattern (row / layer /
+N:M) would keep stay kept, and among the rest the least important are pruned up to the
+current sparsity (over the whole matrix at layer scope, per row otherwise), so the last
+mask is exactly the target (valid N:M).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +36,7 @@ from prunekit.models.adapter import set_weight_matrix, weight_matrix
 from prunekit.surgery.masks import Target, layer_mask, make_mask, row_mask
 
 IMPORTANCES = ("norm", "obs")
+SCHEDULES = ("reference", "cubic")
 
 
 @dataclass
@@ -38,6 +46,7 @@ class AdmmGradualConfig(MethodConfig):
     rho: float = 1.0  # penalty ρ, relative to the unit diagonal of the normalised H
     damp: float = 0.1  # ridge added to the normalised H
     importance: str = "norm"  # norm: |W|·‖X_j‖; obs: |W| / [H⁻¹]_jj
+    schedule: str = "reference"  # reference (lib/admm.py) | cubic (every pattern ramps)
 
     def __post_init__(self) -> None:
         if not 1 <= self.ramp <= self.iterations:
@@ -47,6 +56,8 @@ class AdmmGradualConfig(MethodConfig):
         check_penalty("admm_gradual", self.rho, self.damp)
         if self.importance not in IMPORTANCES:
             raise choice_error("importance", self.importance, IMPORTANCES)
+        if self.schedule not in SCHEDULES:
+            raise choice_error("schedule", self.schedule, SCHEDULES)
 
 
 def cubic_sparsity(target: float, step: int, ramp: int) -> float:
@@ -56,28 +67,33 @@ def cubic_sparsity(target: float, step: int, ramp: int) -> float:
 
 
 def relaxed_mask(scores: torch.Tensor, target: Target, sparsity: float) -> torch.Tensor:
-    """Mask at `sparsity` <= target.sparsity that contains the target pattern's mask."""
+    """Mask at `sparsity` <= target.sparsity that contains the target pattern's mask; the
+    count of zeros is floored, as the reference's int(numel · sparsity)."""
     final = make_mask(scores, target)
     if sparsity >= target.sparsity:
         return final
     boosted = scores.masked_fill(final, float("inf"))
-    if target.scope == "layer" and not target.pattern.is_nm:
-        return layer_mask(boosted, sparsity)
-    return row_mask(boosted, sparsity)
+    if target.scope == "layer":
+        return layer_mask(boosted, math.floor(scores.numel() * sparsity) / scores.numel())
+    return row_mask(boosted, math.floor(scores.shape[1] * sparsity) / scores.shape[1])
 
 
 class GradualMasks:
     """The mask rule of the gradual variant: re-chosen until `ramp`, then held."""
 
-    def __init__(self, target: Target, ramp: int, weights: torch.Tensor):
+    def __init__(self, target: Target, ramp: int, weights: torch.Tensor, schedule: str):
         self.target = target
         self.ramp = ramp
         self.weights = weights  # importance multiplier per input column [in]
         self.mask: torch.Tensor | None = None
+        unstructured_layer = target.scope == "layer" and not target.pattern.is_nm
+        self.full = schedule == "reference" and unstructured_layer
 
     def __call__(self, iteration: int, candidate: torch.Tensor) -> torch.Tensor:
         if self.mask is None or iteration < self.ramp:
-            sparsity = cubic_sparsity(self.target.sparsity, iteration, self.ramp)
+            sparsity = self.target.sparsity
+            if not self.full:
+                sparsity = cubic_sparsity(sparsity, iteration, self.ramp)
             scores = candidate.abs() * self.weights.unsqueeze(0)
             self.mask = relaxed_mask(scores, self.target, sparsity)
         return self.mask
@@ -88,6 +104,7 @@ class AdmmGradual(LayerwiseMethod):
     name = "admm_gradual"
     summary = "ADMM weight update with the mask re-chosen while sparsity rises (Boža 2024)"
     needs = ("hessian",)
+    default_scope = "layer"
     Config = AdmmGradualConfig
 
     def prune_linear(self, module: nn.Module, stats: LayerStats, target: Target, path: str) -> None:
@@ -97,6 +114,6 @@ class AdmmGradual(LayerwiseMethod):
             weights = 1.0 / torch.diagonal(PenalisedInverse(problem.hessian)(0.0))
         else:
             weights = torch.ones_like(problem.scale)
-        masks = GradualMasks(target, config.ramp, weights)
+        masks = GradualMasks(target, config.ramp, weights, config.schedule)
         result = run_admm(problem, masks, config.iterations, config.rho)
         set_weight_matrix(module, problem.restore(result.weight) * result.mask)

@@ -1,6 +1,7 @@
-"""ALPS against the reference: mazumder-lab/ALPS `ALPS_admm` and its `cg_batch`,
-re-implemented here in the reference's orientation (B = Wᵀ, [in, out]) and in float64,
-on real layers of stories260K with real calibration inputs."""
+"""ALPS and gradual ADMM against their references (mazumder-lab/ALPS `ALPS_admm` with its
+`cg_batch`; fmfi-compbio/admm-pruning `fasterprune`), re-implemented here in the
+references' orientation (Wᵀ, [in, out]) and in float64, on real layers of stories260K
+with real calibration inputs: identical masks, weights within 1e-4."""
 
 from __future__ import annotations
 
@@ -141,3 +142,67 @@ def test_alps_matches_the_reference(layers, role, pattern):
     assert method.iterations[0] == iterations
     scale = expected.abs().max()
     assert (got - expected).abs().max() <= 1e-4 * scale  # float32 vs float64
+
+
+def reference_admm_gradual(
+    w, xx, sparsity=0.5, nm=(0, 0), percdamp=0.1, iterative_prune=15, iters=20
+):
+    """fmfi-compbio/admm-pruning `fasterprune` with its defaults (per_out=False)."""
+    xx = xx.double().clone()
+    norm = torch.diag(xx).sqrt() + 1e-8
+    xx = xx / norm
+    xx = (xx.T / norm).T
+    w = (w.double() * norm).T  # [in, out]
+    diag = torch.arange(xx.shape[0])
+    xx[diag, diag] += percdamp
+    xy = xx @ w
+    xx[diag, diag] += 1.0  # rho = 1
+    xxinv = torch.inverse(xx)
+    u = torch.zeros_like(w)
+    mask = None
+    for itt in range(iters):
+        if itt < iterative_prune:
+            cur = sparsity - sparsity * (1 - (itt + 1) / iterative_prune) ** 3
+            if nm[0]:
+                wt = (w + u).T.reshape(w.shape[1] * w.shape[0] // 4, 4).abs()
+                keep = torch.zeros(wt.shape, dtype=torch.bool)
+                order = wt.sort(dim=1)[1]
+                keep[torch.arange(wt.shape[0]), order[:, 2]] = 1
+                keep[torch.arange(wt.shape[0]), order[:, 3]] = 1
+                keep = keep.reshape(w.T.shape).T
+                z2 = (w + u).abs()
+                z2[keep] = torch.inf
+                thres = z2.flatten().kthvalue(int(w.numel() * cur) + 1)[0]
+                mask = z2 >= thres
+            else:
+                drop = torch.topk(
+                    (w + u).abs().flatten(), k=int(w.numel() * sparsity), largest=False
+                )
+                mask = torch.ones(w.numel(), dtype=torch.bool)
+                mask[drop.indices] = 0
+                mask = mask.reshape(w.shape)
+        z = (w + u) * mask
+        u = u + (w - z)
+        w = xxinv @ (xy + 1.0 * (z - u))
+    z = (w + u) * mask
+    return (z.T / norm).float()
+
+
+@pytest.mark.parametrize("role", ["q", "down"])
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
+def test_admm_gradual_matches_the_reference(layers, role, pattern):
+    from prunekit.methods.unstructured.admm_gradual import AdmmGradual, AdmmGradualConfig
+
+    weight, xtx = layers[role]
+    nm = (0, 0) if pattern == "unstructured" else (2, 4)
+    expected = reference_admm_gradual(weight, xtx, nm=nm)
+    module = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+    module.weight.data = weight.clone()
+    p = Pattern() if pattern == "unstructured" else Pattern(2, 4)
+    AdmmGradual(AdmmGradualConfig()).prune_linear(
+        module, {"hessian": xtx}, Target(sparsity=0.5, pattern=p, scope="layer"), "x"
+    )
+    got = module.weight.detach()
+    same = ((got != 0) == (expected != 0)).float().mean().item()
+    assert same == 1.0, same
+    assert (got - expected).abs().max() <= 1e-4 * expected.abs().max()
