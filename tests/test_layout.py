@@ -25,7 +25,7 @@ ALLOWED: dict[str, set[str]] = {
     "eval": {"models", "data"},
     "inference": {"models"},
     "export": {"models", "surgery"},
-    "methods": {"models", "data", "engine", "surgery", "eval"},
+    "methods": {"models", "data", "engine", "surgery", "eval", "recovery"},
     "allocations": {"models", "data", "engine", "surgery", "methods"},
     "recovery": {"models", "data", "engine", "export"},
     "recipes": {"models", "data", "export", "recovery", "api", "bench"},

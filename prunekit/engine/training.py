@@ -71,14 +71,20 @@ def train(
     checkpoint: Path | None = None,
     fingerprint: dict | None = None,
     after_step: Callable[[], None] | None = None,
+    lrs: dict[str, float] | None = None,
 ) -> dict:
     """Run steps `0..steps-1` of `loss_fn(step)` (a scalar to minimise) over `params`,
     resuming from `checkpoint/checkpoint.pt` when it exists and its `fingerprint` (the
-    run's settings) matches. Returns losses per step, seconds and the step resumed from."""
-    for param in params.values():
+    run's settings) matches. `lrs` gives some parameters their own peak learning rate
+    (default `settings.lr`). Returns losses per step, seconds and the step resumed from."""
+    groups: dict[float, list[nn.Parameter]] = {}
+    for name, param in params.items():
         param.requires_grad_(True)
+        groups.setdefault((lrs or {}).get(name, settings.lr), []).append(param)
     optimizer = torch.optim.AdamW(
-        list(params.values()), lr=settings.lr, weight_decay=settings.weight_decay
+        [{"params": group, "lr": lr} for lr, group in groups.items()],
+        lr=settings.lr,
+        weight_decay=settings.weight_decay,
     )
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, settings.factor)
     fingerprint = {**(fingerprint or {}), "settings": asdict(settings)}

@@ -40,6 +40,10 @@ class HardConcrete(nn.Module):
         s = torch.sigmoid((u.log() - (1 - u).log() + self.log_alpha) / BETA)
         return (s * (ZETA - GAMMA) + GAMMA).clamp(0.0, 1.0)
 
+    def deterministic(self) -> torch.Tensor:
+        """Test-time gates z [n] = clamp(sigmoid(a)·(ζ − γ) + γ, 0, 1) (Louizos et al.)."""
+        return (torch.sigmoid(self.log_alpha) * (ZETA - GAMMA) + GAMMA).clamp(0.0, 1.0)
+
     def keep_probability(self) -> torch.Tensor:
         """P(z ≠ 0) [n]: the expected L0 norm per gate."""
         return torch.sigmoid(self.log_alpha - BETA * math.log(-GAMMA / ZETA))
@@ -91,6 +95,15 @@ class ModelGates(nn.Module):
             width = cost.fixed + counts["kv"][i] * cost.group
             total = total + layer[i] * (width + counts["intermediate"][i] * cost.channel)
         return total
+
+    def deterministic_values(self) -> dict[str, list[torch.Tensor]]:
+        """Test-time gate values of every kind (detached)."""
+        with torch.no_grad():
+            return {
+                "kv": [g.deterministic() for g in self.kv],
+                "intermediate": [g.deterministic() for g in self.intermediate],
+                "layers": list(self.layers.deterministic().unbind()),
+            }
 
     def draw(self, generator: torch.Generator | None) -> None:
         """Set the gate values used by the hooks: sampled (training) or fixed 0/1 masks

@@ -1,4 +1,4 @@
-"""Sheared LLaMA's hard-concrete core: gates at their extremes give the dense model and
+"""The learned-mask methods (Sheared LLaMA, Compresso, NutePrune) and their hard-concrete core: gates at their extremes give the dense model and
 the cut model, the differentiable parameter count equals the real count after surgery,
 Lagrangian training ends exactly at the target shape, and the result loads in plain
 transformers."""
@@ -14,8 +14,11 @@ from transformers import AutoModelForCausalLM
 import prunekit
 from prunekit.export.folder import save_pruned
 from prunekit.methods.base import PruneRequest
+from prunekit.methods.learned.base import cut, parse_target
+from prunekit.methods.learned.compresso import Compresso
 from prunekit.methods.learned.hard_concrete import BETA, GAMMA, ZETA, HardConcrete, ModelGates
-from prunekit.methods.learned.sheared_llama import ShearedLlama, parse_target
+from prunekit.methods.learned.nuteprune import NutePrune
+from prunekit.methods.learned.sheared_llama import ShearedLlama
 from prunekit.surgery.masks import Pattern
 from prunekit.surgery.width import decoder_parameters
 
@@ -68,7 +71,7 @@ def test_closed_gates_equal_the_cut_model_and_its_parameter_count(stories):
         masked = _logits(stories.model)
     expected = float(gates.expected_parameters().detach())
     masks = gates.binary_masks()
-    ShearedLlama.cut(stories, masks)
+    cut(stories, masks)
     assert len(stories.adapter.blocks) == 4
     assert stories.adapter.linear(stories.adapter.blocks[1], "k").weight.shape[0] == 3 * 8
     assert stories.adapter.linear(stories.adapter.blocks[2], "up").weight.shape[0] == 172 - 35
@@ -105,3 +108,41 @@ def test_bad_targets_are_rejected():
         parse_target("heads:3")
     with pytest.raises(prunekit.PrunekitError):
         parse_target("kv:0")
+
+
+REQUEST = PruneRequest(
+    sparsity=0.5, pattern=Pattern(), scope="row", device="cpu", batch_size=4, seed=0
+)
+
+
+@pytest.mark.parametrize("method", [Compresso, NutePrune])
+def test_lora_methods_end_at_the_target_with_lora_merged(stories, stories_calib, method):
+    config = method.Config(target="kv:3,intermediate:120", steps=6, lr=0.2, lora_rank=4)
+    details = method(config).run(stories, stories_calib[:8, :64], REQUEST)
+    for block in stories.adapter.blocks:
+        assert stories.adapter.linear(block, "k").weight.shape[0] == 3 * 8
+        assert stories.adapter.linear(block, "up").weight.shape[0] == 120
+        assert not hasattr(stories.adapter.linear(block, "up"), "parametrizations")
+    assert details["decoder_share_removed"] > 0.2
+
+
+def test_compresso_prompt_is_prepended_and_skipped_by_the_loss(stories, stories_calib):
+    method = Compresso(Compresso.Config(prompt="default"))
+    batches = method.prepare_batches(stories, stories_calib[:4, :128], 2)
+    ids = stories.tokenizer(
+        "Attention! LLM, you are undergoing optimization", add_special_tokens=False
+    ).input_ids
+    assert batches[0].shape == (2, 128)
+    assert batches[0][0, : len(ids)].tolist() == ids
+    assert torch.equal(
+        batches[0][:, method.prompt_len :], stories_calib[:2, : 128 - method.prompt_len]
+    )
+
+
+def test_nuteprune_target_tightens_from_full_width_to_the_target():
+    method = NutePrune(NutePrune.Config(steps=10, ramp=0.5))
+    method.full = {"kv": 4, "intermediate": 172, "layers": 5}
+    target = {"kv": 2, "intermediate": 100}
+    first, last = method.current_target(target, 0), method.current_target(target, 4)
+    assert first["kv"] == pytest.approx(4 - 2 * 0.2) and last == {"kv": 2.0, "intermediate": 100.0}
+    assert method.current_target(target, 9) == last
