@@ -52,6 +52,12 @@ def window_nll(
     return total, count
 
 
+def mean_nll(model: nn.Module, windows: torch.Tensor, batch_size: int = 1) -> float:
+    """Mean next-token NLL (nats per token) over `windows` [n, L], without a progress bar."""
+    total, count = window_nll(model, windows, batch_size, progress=False)
+    return total / count
+
+
 def perplexity(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,

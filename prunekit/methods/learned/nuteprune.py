@@ -21,9 +21,9 @@ from torch import nn
 
 from prunekit.errors import PrunekitError
 from prunekit.methods.base import register
-from prunekit.methods.learned.base import LearnedConfig, LearnedMaskMethod, widest
+from prunekit.methods.learned.base import LearnedConfig, widest
 from prunekit.methods.learned.hard_concrete import ModelGates
-from prunekit.methods.learned.sheared_llama import lagrangian
+from prunekit.methods.learned.sheared_llama import ShearedLlama, lagrangian
 
 
 @dataclass
@@ -39,20 +39,15 @@ class NutePruneConfig(LearnedConfig):
 
 
 @register
-class NutePrune(LearnedMaskMethod):
+class NutePrune(ShearedLlama):
     name = "nuteprune"
     summary = "progressive hard-concrete masks distilled from the model's earlier states"
     Config = NutePruneConfig
 
     def setup(self, gates: ModelGates, target: dict[str, int]) -> dict[str, nn.Parameter]:
-        self.multipliers = {}
-        for kind in target:
-            lam = nn.Parameter(torch.zeros(2))
-            lam.register_hook(torch.neg)  # gradient ascent on λ
-            self.multipliers[kind] = lam
         self.full = widest(gates)
         self.teacher: dict | None = None
-        return {f"lambda.{k}": v for k, v in self.multipliers.items()}
+        return super().setup(gates, target)
 
     def current_target(self, target: dict[str, int], step: int) -> dict[str, float]:
         share = min(1.0, (step + 1) / max(self.config.ramp * self.config.steps, 1.0))

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from prunekit.errors import PrunekitError, choice_error
-from prunekit.eval.perplexity import window_nll
+from prunekit.eval.perplexity import mean_nll
 from prunekit.methods.base import Method, MethodConfig, PruneRequest, register
 from prunekit.models.adapter import ModelAdapter, weight_matrix
 from prunekit.models.loading import LoadedModel
@@ -120,11 +120,6 @@ def apply_low_rank(
     return {"rank": rank, "max_rank": min(out_features, in_features), "factored": factored}
 
 
-def calib_loss(model: nn.Module, windows: torch.Tensor, batch_size: int) -> float:
-    total, count = window_nll(model, windows, batch_size, progress=False)
-    return total / count
-
-
 @register
 class Laser(Method):
     name = "laser"
@@ -174,7 +169,7 @@ class Laser(Method):
         """Calibration NLL of every single intervention; the best (layer, role, rho), or
         None when none lowers the dense model's NLL (the model is then left unchanged)."""
         adapter, model = lm.adapter, lm.model
-        base = calib_loss(model, calib, request.batch_size)
+        base = mean_nll(model, calib, request.batch_size)
         scores, best = [], (None, base)
         grid = [(layer, role, rho) for layer in layers for role in roles for rho in SEARCH_RHOS]
         for layer, role, rho in tqdm(grid, desc="laser search", leave=False):
@@ -186,7 +181,7 @@ class Laser(Method):
             )
             with torch.no_grad():
                 weight.copy_((outer @ inner).to(weight.dtype))
-            loss = calib_loss(model, calib, request.batch_size)
+            loss = mean_nll(model, calib, request.batch_size)
             with torch.no_grad():
                 weight.copy_(original)
             scores.append({"block": layer, "matrix": role, "rho": rho, "nll": round(loss, 6)})

@@ -25,6 +25,7 @@ and MLP in every block; the reference may drop a whole module).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -33,7 +34,7 @@ import torch
 from torch import nn
 
 from prunekit.errors import PrunekitError, choice_error
-from prunekit.eval.perplexity import window_nll
+from prunekit.eval.perplexity import mean_nll, window_nll
 from prunekit.methods.base import Method, MethodConfig, PruneRequest, register
 from prunekit.methods.width.base import check_reachable
 from prunekit.methods.width.bonsai_regression import fit_l1, fit_ridge
@@ -263,8 +264,7 @@ def cut_units(adapter: ModelAdapter, parts: list[Part], removed: torch.Tensor) -
 
 def calib_ppl(model: nn.Module, windows: torch.Tensor, batch_size: int) -> float:
     """Perplexity over `windows` [n, L], clipped at MAX_PPL."""
-    total, count = window_nll(model, windows, batch_size, progress=False)
-    return min(float(torch.tensor(total / count).exp()), MAX_PPL)
+    return min(math.exp(min(mean_nll(model, windows, batch_size), 700.0)), MAX_PPL)
 
 
 @register
