@@ -72,3 +72,37 @@ def test_methods_on_one_process_and_too_few_windows_are_refused(monkeypatch):
         prunekit.prune(lm, "sleb", calib="tinyshakespeare", nsamples=8, seqlen=64)
     with pytest.raises(PrunekitError, match="2 processes need at least 2 calibration windows"):
         prunekit.prune(lm, "wanda", calib="tinyshakespeare", nsamples=1, seqlen=64)
+
+
+DIE = """
+import os, sys
+from prunekit.engine import collectors
+from prunekit import cli
+
+calls = {"n": 0}
+real = collectors.all_reduce_sum
+
+
+def dying(tensor):
+    calls["n"] += 1
+    if os.environ.get("RANK") == "1" and calls["n"] == 3:
+        os._exit(1)  # this rank dies mid-run
+    return real(tensor)
+
+
+collectors.all_reduce_sum = dying
+sys.argv = ["prunekit", *sys.argv[1:]]
+cli.main()
+"""
+
+
+def test_a_rank_dying_mid_run_stops_the_job_and_writes_nothing(tmp_path):
+    (tmp_path / "die.py").write_text(DIE)
+    done = _run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                 "--nproc-per-node", "2", "die.py", "prune", *ARGS, "--method", "wanda",
+                 "--out", "out"], tmp_path)  # fmt: skip
+    assert done.returncode != 0
+    said = done.stderr + done.stdout
+    assert "a process of the distributed job ended" in said or "exitcode  : 1" in said, said[-2000:]
+    assert not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
