@@ -26,7 +26,7 @@ ALLOWED: dict[str, set[str]] = {
     "inference": {"models"},
     "export": {"models", "surgery"},
     "methods": {"models", "data", "engine", "surgery", "eval", "recovery"},
-    "allocations": {"models", "data", "engine", "surgery", "methods"},
+    "allocations": {"models", "data", "engine", "surgery", "eval", "methods"},
     "recovery": {"models", "data", "engine", "export"},
     "recipes": {"models", "data", "export", "recovery", "api", "bench"},
     "api": {
