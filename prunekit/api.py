@@ -25,7 +25,7 @@ from prunekit.errors import PrunekitError, choice_error
 from prunekit.eval.perplexity import perplexity
 from prunekit.eval.tasks import TASKS, canonical_task
 from prunekit.eval.zeroshot import evaluate_tasks
-from prunekit.export.folder import check_output_dir, save_pruned
+from prunekit.export.folder import check_output_dir, check_weights_format, save_pruned
 from prunekit.export.record import (
     PruneRecord,
     count_parameters,
@@ -58,6 +58,7 @@ __all__ = [
     "check_evaluation_name",
     "check_run",
     "check_seqlen",
+    "check_weights_format",
     "default_eval_seqlen",
     "check_dtype",
     "check_protocol",
@@ -611,9 +612,17 @@ def evaluate(
     return results
 
 
-def save(lm: LoadedModel, out: str | Path, record: PruneRecord, overwrite: bool = False) -> Path:
-    """Write `lm` as a HF folder with its prunekit.json (atomically). In a process group
-    every rank holds the same model: rank 0 writes it, the others wait for it."""
+def save(
+    lm: LoadedModel,
+    out: str | Path,
+    record: PruneRecord,
+    overwrite: bool = False,
+    weights: str = "dense",
+) -> Path:
+    """Write `lm` as a HF folder with its prunekit.json (atomically). `weights` is
+    "dense" or "sparse-bitmask" (compressed-tensors' format for the pruned linears). In a
+    process group every rank holds the same model: rank 0 writes it, the others wait."""
+    check_weights_format(weights, lm)
     if is_main():  # rank 0 checks and writes the folder; the others wait for it
         check_output_dir(out, overwrite)
     if not isinstance(record, PruneRecord):
@@ -623,6 +632,6 @@ def save(lm: LoadedModel, out: str | Path, record: PruneRecord, overwrite: bool 
     if not is_main():
         barrier()
         return Path(out)
-    path = save_pruned(lm, out, record.as_dict(), overwrite)
+    path = save_pruned(lm, out, record.as_dict(), overwrite, weights=weights)
     barrier()
     return path

@@ -212,6 +212,9 @@ def prune(
     ),
     out: Path | None = typer.Option(None, help="write the pruned model here"),
     overwrite: bool = typer.Option(False, help="replace an existing --out folder"),
+    weights: str = typer.Option(
+        "dense", help="--out weights: dense, or sparse-bitmask (compressed-tensors' format)"
+    ),
     eval: str = typer.Option(
         "", "--eval", help="datasets and zero-shot tasks to evaluate, e.g. wikitext2,piqa"
     ),
@@ -256,6 +259,7 @@ def prune(
         update_options=_parse_options(update_opt),
     )
     api.check_protocol(ppl_protocol)
+    api.check_weights_format(weights)
     api.check_run(device, batch_size)
     api.check_compute_dtype(plan.method, compute_dtype)
     api.check_dtype(dtype)
@@ -308,7 +312,7 @@ def prune(
             _print_results(dense, record.evaluation["pruned"])
         if out is not None:
             _OUTPUTS.append(Path(out))
-            api.save(lm, out, record, overwrite)
+            api.save(lm, out, record, overwrite, weights)
             typer.echo(f"saved to {out}")
     finally:
         if staging is not None:  # emptied by the save, or left over by a failure

@@ -33,6 +33,7 @@ from prunekit.errors import PrunekitError
 from prunekit.export.shards import write_offloaded
 from prunekit.models import pruned_modeling, sliced_modeling
 from prunekit.models.adapter import ModelAdapter, weight_matrix
+from prunekit.models.compressed import FORMAT, compress_folder
 from prunekit.models.loading import LoadedModel
 from prunekit.surgery.width import BASE_GEOMETRY_KEY, LAYER_WIDTHS_KEY, head_attributes
 
@@ -220,9 +221,11 @@ def save_pruned(
     record: dict[str, Any],
     overwrite: bool = False,
     extra: Callable[[Path], None] | None = None,
+    weights: str = "dense",
 ) -> Path:
     """Save model, tokenizer and `record` to `out`; the folder appears only when complete.
     `extra(folder)` writes further files (e.g. a LoRA adapter) before the folder appears.
+    `weights="sparse-bitmask"` stores the pruned linears in compressed-tensors' format.
 
     Without `overwrite`, a folder that appears at `out` while this one is written wins:
     this save then fails and leaves nothing behind.
@@ -245,6 +248,8 @@ def save_pruned(
             shutil.copy(inspect.getsourcefile(sliced_modeling), tmp / sliced_modeling.MODELING_FILE)
         if lm.tokenizer is not None:
             lm.tokenizer.save_pretrained(tmp)
+        if weights == FORMAT:
+            _compress(lm, tmp, record)
         if extra is not None:
             extra(tmp)
         record = {**record, "layout": layout}
@@ -264,6 +269,30 @@ def save_pruned(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+WEIGHT_FORMATS = ("dense", FORMAT)
+
+
+def check_weights_format(weights: str, lm: LoadedModel | None = None) -> None:
+    """Fail on an unknown weights format, or sparse-bitmask for a streamed model."""
+    if weights not in WEIGHT_FORMATS:
+        raise PrunekitError(f"unknown weights format {weights!r}; valid: dense, {FORMAT}")
+    if weights == FORMAT and lm is not None and lm.adapter.offload is not None:
+        raise PrunekitError(f"--weights {FORMAT} is not available with --offload disk")
+
+
+def _compress(lm: LoadedModel, folder: Path, record: dict[str, Any]) -> None:
+    """Compress the saved folder's pruned linears (those holding zeros)."""
+    names = {id(m): n for n, m in lm.model.named_modules()}
+    targets = set()
+    for block in lm.adapter.blocks:
+        for module in lm.adapter.linears(block).values():
+            if bool((weight_matrix(module) == 0).any()):
+                targets.add(names[id(module)])
+    pattern = (record.get("request") or {}).get("pattern", "unstructured")
+    sparsity = float(record.get("overall_sparsity", 0.0))
+    compress_folder(folder, targets, sparsity, pattern)
 
 
 def read_record(folder: str | Path) -> dict[str, Any]:

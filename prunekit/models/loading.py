@@ -20,6 +20,7 @@ from transformers.utils import logging as hf_logging
 from prunekit import settings
 from prunekit.errors import PrunekitError, choice_error
 from prunekit.models.adapter import ModelAdapter, context_length
+from prunekit.models.compressed import dense_copy, is_compressed_folder
 from prunekit.models.families import adapter_for, family_of
 
 ALIASES = {
@@ -328,6 +329,14 @@ def load_pruned(
     folder = Path(path).expanduser()
     if not (folder / "config.json").is_file():
         raise PrunekitError(f"{path} is not a model folder (no config.json)")
+    if is_compressed_folder(folder):  # sparse-bitmask weights: load a dense copy
+        dense = dense_copy(folder)
+        try:
+            lm = load_pruned(dense, dtype, device)
+        finally:
+            shutil.rmtree(dense, ignore_errors=True)
+        lm.source = str(path)
+        return lm
     config = AutoConfig.from_pretrained(folder)
     family_of(config.model_type)
     if is_sliced_folder(folder):
