@@ -397,6 +397,102 @@ def heal(
     _write_json(json_path, stage)
 
 
+@app.command()
+def speed(
+    model: str = typer.Argument(..., help="model or pruned folder to time"),
+    baseline: str | None = typer.Option(None, help="model to time beside it (e.g. the dense)"),
+    prefill: int = typer.Option(512, help="prompt tokens"),
+    decode: int = typer.Option(64, help="greedy decode steps after the prompt"),
+    batch: str = typer.Option("1", help="batch sizes, e.g. 1,8"),
+    repeats: int = typer.Option(5, help="interleaved repeats (medians and min/max)"),
+    threads: int | None = typer.Option(None, help=THREADS_HELP),
+    json_path: Path | None = typer.Option(None, "--json", help="write the figures here"),
+) -> None:
+    """Prefill and decode speed on CPU, interleaved with a baseline, medians of repeats."""
+    from prunekit import api
+    from prunekit.eval.speed import prompt_ids, sparse_matmul, speed_table
+
+    batches = _positive_ints(batch, "--batch")
+    if prefill < 1 or decode < 1 or repeats < 1:
+        raise PrunekitError("--prefill, --decode and --repeats must be at least 1")
+    _check_json_path(json_path)
+    _set_threads(threads)
+    models = {"model": _load_any(model)}
+    if baseline is not None:
+        models["baseline"] = _load_any(baseline)
+    api.check_seqlen(models["model"], prefill + decode, "--prefill + --decode")
+    prompt = prompt_ids(models["model"].tokenizer, prefill)
+    table = speed_table({k: v.model for k, v in models.items()}, prompt, decode, batches, repeats)
+    payload = {
+        "model": model,
+        "baseline": baseline,
+        "prefill": prefill,
+        "decode": decode,
+        "repeats": repeats,
+        "threads": torch_threads(),
+        "speed": table,
+    }
+    for name in models:
+        for key, row in table[name].items():
+            typer.echo(
+                f"{name:8s} {key:9s} prefill {row['prefill_tok_s']['median']:9.1f} tok/s  "
+                f"decode {row['decode_tok_s']['median']:8.1f} tok/s "
+                f"({row['decode_ms_per_token']['median']:.1f} ms/token)"
+            )
+    if baseline is not None:
+        for key in table["model"]:
+            ratio = (
+                table["model"][key]["decode_tok_s"]["median"]
+                / table["baseline"][key]["decode_tok_s"]["median"]
+            )
+            typer.echo(f"decode speed-up over the baseline at {key}: {ratio:.2f}x")
+    lm = models["model"]
+    zeros = [
+        (m, float((m.weight == 0).float().mean()))
+        for b in lm.adapter.blocks
+        for m in lm.adapter.linears(b).values()
+        if hasattr(m, "weight")
+    ]
+    sparsity = sum(s for _, s in zeros) / max(len(zeros), 1)
+    if sparsity > 0.05:
+        widest = max(zeros, key=lambda z: z[0].weight.numel())[0].weight
+        payload["sparse_matmul"] = {
+            f"{tokens} tokens": sparse_matmul(widest, tokens, repeats) for tokens in (1, prefill)
+        }
+        for key, row in payload["sparse_matmul"].items():
+            typer.echo(
+                f"CSR matmul at {sparsity:.0%} sparsity, {key}: {row['csr_over_dense']:.2f}x "
+                "the dense time" + (" (slower than dense)" if row["csr_over_dense"] > 1 else "")
+            )
+    _write_json(json_path, payload)
+
+
+def _positive_ints(text: str, flag: str) -> list[int]:
+    try:
+        values = [int(v) for v in _split(text)]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise PrunekitError(f"{flag} must be positive integers such as 1,8; got {text!r}")
+    return values
+
+
+def _load_any(source: str):
+    """A prunekit folder through load_pruned, anything else through load_model."""
+    from prunekit import api
+    from prunekit.export.folder import RECORD_FILE
+
+    if (Path(source) / RECORD_FILE).is_file():
+        return api.load_pruned(source)
+    return api.load_model(source)
+
+
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
 @app.command("eval")
 def evaluate(
     model: str = typer.Argument(..., help="HF folder, hub id, .gguf file, alias, or pruned dir"),

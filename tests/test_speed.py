@@ -3,8 +3,12 @@ measurement, medians, and the prompt and timers on the real stories260K."""
 
 from __future__ import annotations
 
-import torch
+import json
 
+import torch
+from helpers import run_cli
+
+import prunekit
 from prunekit.eval.speed import (
     decode_seconds,
     forward_seconds,
@@ -39,3 +43,39 @@ def test_timers_run_the_model(stories):
     assert forward_seconds(model, ids) > 0
     assert prefill_seconds(model, ids) > 0
     assert decode_seconds(model, ids, 3) > 0
+
+
+def test_speed_command_times_model_and_baseline_and_the_sparse_kernel(stories, tmp_path):
+    record = prunekit.prune(stories, "magnitude", sparsity=0.5)
+    folder = prunekit.save(stories, tmp_path / "m50", record)
+    out = tmp_path / "speed.json"
+    done = run_cli(
+        "speed",
+        str(folder),
+        "--baseline",
+        "stories260k",
+        "--prefill",
+        "16",
+        "--decode",
+        "4",
+        "--batch",
+        "1,2",
+        "--repeats",
+        "1",
+        "--threads",
+        "1",
+        "--json",
+        str(out),
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr
+    payload = json.loads(out.read_text())
+    for name in ("model", "baseline"):
+        for batch in ("batch 1", "batch 2"):
+            row = payload["speed"][name][batch]
+            assert row["prefill_tok_s"]["median"] > 0 and row["decode_tok_s"]["median"] > 0
+            assert row["prefill_tok_s"]["min"] <= row["prefill_tok_s"]["max"]
+    assert set(payload["sparse_matmul"]) == {"1 tokens", "16 tokens"}
+    assert "decode speed-up over the baseline at batch 1" in done.stdout
+    bad = run_cli("speed", "stories260k", "--batch", "0,x", cwd=tmp_path)
+    assert bad.returncode == 2 and "--batch must be positive integers" in bad.stderr

@@ -81,3 +81,62 @@ def interleaved(
 def medians(samples: dict[str, list[float]]) -> dict[str, float]:
     """The median of each kind's values: `{kind: median}`."""
     return {kind: statistics.median(values) for kind, values in samples.items()}
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    """Median, min and max of repeated measurements."""
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def speed_table(
+    models: dict[str, nn.Module],
+    prompt: torch.Tensor,
+    decode: int,
+    batches: list[int],
+    repeats: int,
+) -> dict[str, dict[str, dict]]:
+    """Prefill and decode throughput of every model at every batch size, measured
+    interleaved: `{model: {"batch B": {"prefill_tok_s", "decode_tok_s",
+    "decode_ms_per_token"}}}`, each a `spread` over `repeats`."""
+    table: dict[str, dict[str, dict]] = {name: {} for name in models}
+    for batch in batches:
+        ids = prompt.expand(batch, -1).contiguous()
+        samples = interleaved(
+            models,
+            lambda model, ids=ids: {
+                "prefill": prefill_seconds(model, ids),
+                "decode": decode_seconds(model, ids, decode),
+            },
+            repeats,
+            warmup=lambda model, ids=ids: decode_seconds(model, ids, 1),
+        )
+        tokens = batch * ids.shape[1]
+        for name, kinds in samples.items():
+            table[name][f"batch {batch}"] = {
+                "prefill_tok_s": spread([tokens / s for s in kinds["prefill"]]),
+                "decode_tok_s": spread([batch * decode / s for s in kinds["decode"]]),
+                "decode_ms_per_token": spread([1000 * s / decode for s in kinds["decode"]]),
+            }
+    return table
+
+
+@torch.no_grad()
+def sparse_matmul(weight: torch.Tensor, tokens: int, repeats: int) -> dict[str, float]:
+    """Median seconds of x @ Wᵀ for x [tokens, in], dense and with W in torch's CSR
+    layout (float32), and their ratio (> 1: the sparse kernel is slower)."""
+    w = weight.detach().float()
+    x = torch.randn(tokens, w.shape[1], generator=torch.Generator().manual_seed(0))
+    csr = w.to_sparse_csr()
+
+    def timed(fn) -> float:
+        fn()
+        values = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            values.append(time.perf_counter() - start)
+        return statistics.median(values)
+
+    dense = timed(lambda: x @ w.t())
+    sparse = timed(lambda: (csr @ x.t()).t())
+    return {"dense_s": dense, "csr_s": sparse, "csr_over_dense": sparse / dense}
