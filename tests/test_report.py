@@ -307,3 +307,12 @@ def test_html_renders_in_headless_chromium(store_path, tmp_path):
     assert check["pageWidth"] <= check["viewport"]
     assert all(0 < width <= check["viewport"] for width in check["plotWidths"])
     assert check["tableScrolls"] == "auto" and check["keyPinned"] == "sticky"
+
+
+def test_monotone_damage_reading():
+    from prunekit.bench.knee import is_monotone
+
+    assert is_monotone([0.0, 0.5, 0.3], [0.0, 0.4, 0.1]) is True  # order-free
+    assert is_monotone([0.0, 0.3, 0.5], [0.0, 0.2, 0.15]) is False
+    assert is_monotone([0.0, 0.3, 0.5], [0.0, 0.2, 0.195], slack=0.01) is True
+    assert is_monotone([0.5], [0.1]) is None

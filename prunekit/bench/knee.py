@@ -56,3 +56,16 @@ def tolerance_sparsity(
             break
         best = sparsity
     return best
+
+
+def is_monotone(
+    sparsities: Sequence[float], degradation: Sequence[float], slack: float = 0.0
+) -> bool | None:
+    """Whether the degradation never falls by more than `slack` as sparsity rises (the
+    Junk-DNA reading: magnitude pruning removes ever larger weights as sparsity rises, so
+    a monotone curve means damage grows with the magnitude of what is removed). None with
+    fewer than two points."""
+    points = _sorted(sparsities, degradation)
+    if len(points) < 2:
+        return None
+    return all(b >= a - slack for (_, a), (_, b) in zip(points, points[1:], strict=False))

@@ -12,7 +12,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from prunekit.bench.config import SweepConfig, series_name
-from prunekit.bench.knee import knee_sparsity, tolerance_sparsity
+from prunekit.bench.knee import is_monotone, knee_sparsity, tolerance_sparsity
 from prunekit.bench.plots import Figure, cost_figure, perplexity_figure, retained_figure
 from prunekit.bench.results import Group, accuracy, group_rows, series_of
 from prunekit.bench.store import ResultStore, Row
@@ -20,6 +20,7 @@ from prunekit.errors import PrunekitError
 
 PPL_TOLERANCE = 0.10  # essential sparsity: perplexity at most 10 % above dense
 ACC_TOLERANCE = 0.02  # essential sparsity: at most 2 % of the dense accuracy lost
+MONOTONE_SLACK = 0.01  # a dip in degradation smaller than this still counts as monotone
 
 
 @dataclass
@@ -103,7 +104,15 @@ def cell_table(group: Group, groups: dict[str, list[str]]) -> Table:
 
 def knee_table(group: Group, groups: dict[str, list[str]]) -> Table:
     """Per method and metric: the knee (largest slope increase) and the tolerance reading."""
-    table = Table(["method", "metric", "knee (largest slope increase)", "within tolerance up to"])
+    table = Table(
+        [
+            "method",
+            "metric",
+            "knee (largest slope increase)",
+            "within tolerance up to",
+            "damage monotone in sparsity",
+        ]
+    )
     ppl_rule = f"ppl ≤ dense × {1 + PPL_TOLERANCE:g}"
     acc_rule = f"retained ≥ {1 - ACC_TOLERANCE:.0%}"
     for name, rows in group.series().items():
@@ -121,7 +130,16 @@ def knee_table(group: Group, groups: dict[str, list[str]]) -> Table:
             knee = knee_sparsity(xs, ys)
             within = tolerance_sparsity(xs, ys, tolerance)
             knee_text = "none" if knee is None else f"{knee:.2f}"
-            table.rows.append([name, metric, knee_text, f"{_fmt(within, '.2f')} ({rule})"])
+            monotone = is_monotone(xs, ys, MONOTONE_SLACK)
+            table.rows.append(
+                [
+                    name,
+                    metric,
+                    knee_text,
+                    f"{_fmt(within, '.2f')} ({rule})",
+                    "-" if monotone is None else ("yes" if monotone else "no"),
+                ]
+            )
     return table
 
 
