@@ -493,6 +493,26 @@ def torch_threads() -> int:
     return torch.get_num_threads()
 
 
+@app.command()
+def export(
+    model: str = typer.Argument(..., help="pruned folder (or any Llama model) to export"),
+    gguf: Path = typer.Option(..., help="write this .gguf file (llama.cpp)"),
+    quant: str = typer.Option("f16", help="weights: f32, f16, bf16 or q8_0"),
+    overwrite: bool = typer.Option(False, help="replace an existing file"),
+) -> None:
+    """Export a depth-pruned or uniform-width Llama model as GGUF for llama.cpp."""
+    from prunekit.export.gguf import QUANTS, export_gguf
+
+    if quant not in QUANTS:
+        raise PrunekitError(f"unknown --quant {quant!r}; valid: {', '.join(QUANTS)}")
+    if gguf.exists() and not overwrite:
+        raise PrunekitError(f"{gguf} exists; pass --overwrite to replace it")
+    if not gguf.parent.is_dir():
+        raise PrunekitError(f"folder {gguf.parent} does not exist")
+    path = export_gguf(_load_any(model), gguf, quant)
+    typer.echo(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB, {quant})")
+
+
 @app.command("eval")
 def evaluate(
     model: str = typer.Argument(..., help="HF folder, hub id, .gguf file, alias, or pruned dir"),

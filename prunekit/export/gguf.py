@@ -1,0 +1,181 @@
+"""GGUF export of Llama-architecture models for llama.cpp, written with the `gguf` package.
+
+The layout follows llama.cpp's `convert_hf_to_gguf.py` for `LlamaForCausalLM`: tensor
+names `token_embd`, `blk.N.{attn_norm, attn_q, attn_k, attn_v, attn_output, ffn_norm,
+ffn_gate, ffn_up, ffn_down}`, `output_norm`, `output` (omitted when tied), the q and k
+rows permuted from Hugging Face's rotary layout to llama.cpp's, and the hyper-parameters
+under `llama.*`. The tokenizer is written as a GPT-2 style byte-level BPE (`tokenizer.ggml.
+model = gpt2`: tokens, token types, merges, special ids). A depth-pruned model is simply
+a model with fewer blocks; widths must be the same in every block (GGUF's Llama metadata
+holds one head count and one feed-forward length).
+
+Weights: `f32`, `f16`, `bf16` or `q8_0` (norms stay float32, as the converter keeps them).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from prunekit.errors import PrunekitError
+from prunekit.models.loading import LoadedModel
+
+QUANTS = ("f32", "f16", "bf16", "q8_0")
+FILE_TYPES = {"f32": 0, "f16": 1, "q8_0": 7, "bf16": 32}
+ROLES = {
+    "q": "attn_q",
+    "k": "attn_k",
+    "v": "attn_v",
+    "o": "attn_output",
+    "gate": "ffn_gate",
+    "up": "ffn_up",
+    "down": "ffn_down",
+}
+
+
+def check_exportable(lm: LoadedModel, quant: str) -> None:
+    """One-line refusals: not Llama, per-layer widths, biases, an unknown quant."""
+    if quant not in QUANTS:
+        raise PrunekitError(f"unknown --quant {quant!r}; valid: {', '.join(QUANTS)}")
+    config = lm.model.config
+    if config.model_type != "llama":
+        raise PrunekitError(f"GGUF export covers Llama models; this is {config.model_type}")
+    if getattr(config, "prunekit_layer_widths", None) or hasattr(config, "prunekit_layers"):
+        raise PrunekitError(
+            "GGUF's Llama metadata holds one width for every block; this model has per-layer "
+            "widths (export a depth-pruned or uniformly pruned model)"
+        )
+    for block in lm.adapter.blocks:
+        for module in lm.adapter.linears(block).values():
+            if getattr(module, "bias", None) is not None or not isinstance(module, torch.nn.Linear):
+                raise PrunekitError("GGUF export needs plain bias-free linears in every block")
+    if lm.tokenizer is None or not getattr(lm.tokenizer, "is_fast", False):
+        raise PrunekitError("GGUF export needs the model's fast tokenizer (tokenizer.json)")
+    model = json.loads(lm.tokenizer.backend_tokenizer.to_str())["model"]
+    if model.get("type") != "BPE" or model.get("byte_fallback"):
+        raise PrunekitError(
+            "GGUF export writes byte-level BPE tokenizers (GPT-2 style); this tokenizer is "
+            f"{model.get('type')}{' with byte fallback' if model.get('byte_fallback') else ''}"
+        )
+
+
+def permute_rotary(weight: np.ndarray, heads: int) -> np.ndarray:
+    """Hugging Face's rotary row order -> llama.cpp's (the converter's `permute`)."""
+    return (
+        weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(weight.shape)
+    )
+
+
+def _tensor(weight: torch.Tensor, quant: str):
+    """(array, raw dtype or None) for the writer."""
+    import gguf
+
+    data = weight.detach().float().numpy()
+    if quant == "f32" or data.ndim == 1:
+        return data.astype(np.float32), None
+    if quant == "f16":
+        return data.astype(np.float16), None
+    kind = {"bf16": gguf.GGMLQuantizationType.BF16, "q8_0": gguf.GGMLQuantizationType.Q8_0}
+    return gguf.quants.quantize(data, kind[quant]), kind[quant]
+
+
+def _tokenizer(writer, tokenizer) -> None:
+    import gguf
+
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    vocab = spec["model"]["vocab"]
+    tokens = [""] * len(vocab)
+    for token, index in vocab.items():
+        tokens[index] = token
+    special = {t["id"] for t in spec.get("added_tokens", []) if t.get("special")}
+    for added in spec.get("added_tokens", []):
+        if added["id"] >= len(tokens):
+            tokens.extend([""] * (added["id"] + 1 - len(tokens)))
+        tokens[added["id"]] = added["content"]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
+    types = [
+        gguf.TokenType.CONTROL if i in special else gguf.TokenType.NORMAL
+        for i in range(len(tokens))
+    ]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    for name, value in (
+        ("bos", tokenizer.bos_token_id),
+        ("eos", tokenizer.eos_token_id),
+        ("unk", tokenizer.unk_token_id),
+        ("pad", tokenizer.pad_token_id),
+    ):
+        if value is not None:
+            getattr(writer, f"add_{name}_token_id")(int(value))
+    writer.add_add_bos_token(False)
+
+
+def export_gguf(lm: LoadedModel, out: str | Path, quant: str = "f16") -> Path:
+    """Write `lm` as a GGUF file at `out` (atomically: a temporary name, then renamed)."""
+    import gguf
+
+    check_exportable(lm, quant)
+    out = Path(out)
+    config, adapter = lm.model.config, lm.adapter
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    writer = gguf.GGUFWriter(str(tmp), "llama")
+    try:
+        block0 = adapter.blocks[0]
+        heads = adapter.linear(block0, "q").weight.shape[0] // adapter.head_dim
+        kv_heads = adapter.linear(block0, "k").weight.shape[0] // adapter.head_dim
+        writer.add_name(Path(str(lm.source)).name or "prunekit")
+        writer.add_block_count(len(adapter.blocks))
+        writer.add_context_length(int(config.max_position_embeddings))
+        writer.add_embedding_length(int(config.hidden_size))
+        writer.add_feed_forward_length(int(adapter.linear(block0, "up").weight.shape[0]))
+        writer.add_head_count(heads)
+        writer.add_head_count_kv(kv_heads)
+        writer.add_rope_dimension_count(int(adapter.head_dim))
+        writer.add_key_length(int(adapter.head_dim))
+        writer.add_value_length(int(adapter.head_dim))
+        writer.add_rope_freq_base(float(getattr(config, "rope_theta", None) or 10000.0))
+        writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
+        writer.add_vocab_size(int(config.vocab_size))
+        writer.add_file_type(FILE_TYPES[quant])
+        _tokenizer(writer, lm.tokenizer)
+        model = lm.model
+        tensors = {"token_embd.weight": model.get_input_embeddings().weight}
+        for i, block in enumerate(adapter.blocks):
+            tensors[f"blk.{i}.attn_norm.weight"] = block.input_layernorm.weight
+            tensors[f"blk.{i}.ffn_norm.weight"] = block.post_attention_layernorm.weight
+            for role, name in ROLES.items():
+                weight = adapter.linear(block, role).weight.detach().float()
+                if role == "q":
+                    weight = torch.from_numpy(permute_rotary(weight.numpy(), heads))
+                elif role == "k":
+                    weight = torch.from_numpy(permute_rotary(weight.numpy(), kv_heads))
+                tensors[f"blk.{i}.{name}.weight"] = weight
+        tensors["output_norm.weight"] = model.model.norm.weight
+        head = model.get_output_embeddings().weight
+        if not getattr(config, "tie_word_embeddings", False):
+            tensors["output.weight"] = head
+        for name, weight in tensors.items():
+            data, raw = _tensor(weight, "f32" if "norm" in name else quant)
+            if raw is None:
+                writer.add_tensor(name, data)
+            else:
+                writer.add_tensor(name, data, raw_dtype=raw)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.replace(tmp, out)
+    except BaseException:
+        writer.close()
+        tmp.unlink(missing_ok=True)
+        raise
+    return out

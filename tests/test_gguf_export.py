@@ -1,0 +1,114 @@
+"""GGUF export: a tiny Llama with a byte-level BPE tokenizer, full and depth-pruned,
+written as GGUF and read back by transformers' GGUF loader with the same logits (f32
+exactly up to float rounding, f16 / bf16 / q8_0 within their rounding), and refusals."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    AutoModelForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+)
+
+import prunekit
+from prunekit.data import load_text
+from prunekit.export.gguf import export_gguf
+from prunekit.models.families import adapter_for
+from prunekit.models.loading import LoadedModel
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    text = load_text("tinyshakespeare", purpose="calib").text[:20000]
+    bpe.train_from_iterator([text], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>")
+
+
+def _tiny(tokenizer, seed=0) -> LoadedModel:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
+        bos_token_id=0,
+        eos_token_id=1,
+    )
+    model = LlamaForCausalLM(config).eval()
+    return LoadedModel(model, tokenizer, adapter_for(model), source="tiny")
+
+
+IDS = torch.randint(2, 300, (1, 20), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize(
+    "quant, tol", [("f32", 1e-4), ("f16", 2e-2), ("bf16", 1e-1), ("q8_0", 1e-1)]
+)
+def test_gguf_reloads_with_the_same_logits(tokenizer, tmp_path, quant, tol):
+    lm = _tiny(tokenizer)
+    path = export_gguf(lm, tmp_path / "tiny.gguf", quant)
+    back = AutoModelForCausalLM.from_pretrained(
+        tmp_path, gguf_file=path.name, dtype=torch.float32
+    ).eval()
+    with torch.no_grad():
+        expected, got = lm.model(IDS).logits, back(IDS).logits
+    torch.testing.assert_close(got, expected, atol=tol, rtol=tol)
+
+
+def test_depth_pruned_model_exports(tokenizer, tmp_path):
+    from transformers import AutoTokenizer
+
+    lm = _tiny(tokenizer, seed=1)
+    from prunekit.surgery.depth import remove_blocks
+
+    remove_blocks(lm.adapter, [1, 2])
+    path = export_gguf(lm, tmp_path / "depth.gguf", "f32")
+    back = AutoModelForCausalLM.from_pretrained(
+        tmp_path, gguf_file=path.name, dtype=torch.float32
+    ).eval()
+    assert back.config.num_hidden_layers == 2
+    with torch.no_grad():
+        torch.testing.assert_close(back(IDS).logits, lm.model(IDS).logits, atol=1e-4, rtol=1e-4)
+    tok = AutoTokenizer.from_pretrained(tmp_path, gguf_file=path.name)
+    text = "To be, or not to be"
+    assert tok(text, add_special_tokens=False).input_ids == tokenizer(text).input_ids
+
+
+def test_refusals(tokenizer, tmp_path, stories):
+    lm = _tiny(tokenizer)
+    with pytest.raises(prunekit.PrunekitError, match="unknown --quant 'q4_k_m'"):
+        export_gguf(lm, tmp_path / "x.gguf", "q4_k_m")
+    with pytest.raises(prunekit.PrunekitError, match="byte fallback"):
+        export_gguf(stories, tmp_path / "x.gguf", "f32")
+    prunekit.prune(stories, "flap", sparsity=0.3, calib="tinystories", nsamples=2, seqlen=32)
+    with pytest.raises(prunekit.PrunekitError):
+        export_gguf(stories, tmp_path / "x.gguf", "f32")
+    assert not list(tmp_path.glob("*x.gguf*"))
+
+
+def test_cli_export_refuses_bad_input_in_one_line(tmp_path):
+    from helpers import run_cli
+
+    done = run_cli("export", "stories260k", "--gguf", str(tmp_path / "s.gguf"), "--quant", "q2",
+                   cwd=tmp_path)  # fmt: skip
+    assert done.returncode == 2 and done.stderr.count("\n") == 1
+    assert "valid: f32, f16, bf16, q8_0" in done.stderr
+    done = run_cli("export", "stories260k", "--gguf", str(tmp_path / "s.gguf"), cwd=tmp_path)
+    assert done.returncode == 2 and "byte fallback" in done.stderr
+    assert not list(tmp_path.glob("*s.gguf*"))
