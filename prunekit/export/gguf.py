@@ -53,6 +53,11 @@ def check_exportable(lm: LoadedModel, quant: str) -> None:
         for module in lm.adapter.linears(block).values():
             if getattr(module, "bias", None) is not None or not isinstance(module, torch.nn.Linear):
                 raise PrunekitError("GGUF export needs plain bias-free linears in every block")
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    if rope.get("rope_type", "default") != "default":
+        raise PrunekitError(
+            f"GGUF export writes plain rotary embeddings; this model uses {rope['rope_type']}"
+        )
     if lm.tokenizer is None or not getattr(lm.tokenizer, "is_fast", False):
         raise PrunekitError("GGUF export needs the model's fast tokenizer (tokenizer.json)")
     model = json.loads(lm.tokenizer.backend_tokenizer.to_str())["model"]
@@ -61,6 +66,12 @@ def check_exportable(lm: LoadedModel, quant: str) -> None:
             "GGUF export writes byte-level BPE tokenizers (GPT-2 style); this tokenizer is "
             f"{model.get('type')}{' with byte fallback' if model.get('byte_fallback') else ''}"
         )
+
+
+def rope_theta(config) -> float:
+    """The rotary base: `rope_parameters["rope_theta"]` (transformers 5) or `rope_theta`."""
+    parameters = getattr(config, "rope_parameters", None) or {}
+    return float(parameters.get("rope_theta") or getattr(config, "rope_theta", None) or 1e4)
 
 
 def permute_rotary(weight: np.ndarray, heads: int) -> np.ndarray:
@@ -142,7 +153,7 @@ def export_gguf(lm: LoadedModel, out: str | Path, quant: str = "f16") -> Path:
         writer.add_rope_dimension_count(int(adapter.head_dim))
         writer.add_key_length(int(adapter.head_dim))
         writer.add_value_length(int(adapter.head_dim))
-        writer.add_rope_freq_base(float(getattr(config, "rope_theta", None) or 10000.0))
+        writer.add_rope_freq_base(rope_theta(config))
         writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
         writer.add_vocab_size(int(config.vocab_size))
         writer.add_file_type(FILE_TYPES[quant])
