@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import time
 from pathlib import Path
 
@@ -59,22 +60,32 @@ def markdown(payload: dict) -> str:
         f"WikiText-2 (tokenized wiki.*.tokens) and PTB test; {a['threads']} threads.",
         "",
         "| pruned | heal | params | sparsity before -> after | trainable | wikitext2 | ptb "
-        "| s/step | peak RSS MiB |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| wikitext2 log-ppl recovered per M trainable | s/step | peak RSS MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
+    unhealed = {r["pruned"]: r for r in payload["rows"] if r["heal"] == "none"}
     d = payload["dense"]
     lines.append(
         f"| dense | - | {d['parameters'] / 1e6:.2f}M | - | - | {d['wikitext2']:.2f} "
-        f"| {d['ptb']:.2f} | - | - |"
+        f"| {d['ptb']:.2f} | - | - | - |"
     )
     for r in payload["rows"]:
         lines.append(
             f"| {r['pruned']} | {r['heal']} | {r['parameters'] / 1e6:.2f}M "
             f"| {r['sparsity_before']:.4f} -> {r['sparsity_after']:.4f} "
             f"| {r['trainable']:,} | {r['wikitext2']:.2f} | {r['ptb']:.2f} "
+            f"| {recovered(r, unhealed.get(r['pruned']))} "
             f"| {r['seconds_per_step'] or '-'} | {r['peak_rss_mb'] or '-'} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def recovered(row: dict, unhealed: dict | None) -> str:
+    """log(ppl before healing / after) per million trainable parameters (PERP's view)."""
+    if unhealed is None or not row["trainable"]:
+        return "-"
+    gain = math.log(unhealed["wikitext2"] / row["wikitext2"])
+    return f"{gain / (row['trainable'] / 1e6):.4f}"
 
 
 def main() -> None:
@@ -95,7 +106,12 @@ def main() -> None:
     parser.add_argument("--eval-seqlen", type=int, default=1024)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--name", default="recovery_smollm2")
+    parser.add_argument("--render", action="store_true", help="rewrite the table from the JSON")
     args = parser.parse_args()
+    if args.render:
+        payload = json.loads((RESULTS / f"{args.name}.json").read_text())
+        (RESULTS / f"{args.name}.md").write_text(markdown(payload))
+        return
     torch.set_num_threads(args.threads)
 
     def ppl(lm) -> dict:
