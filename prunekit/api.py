@@ -179,6 +179,22 @@ def checkpoint_bytes(source: str) -> int:
     return file_bytes(checkpoint_files(safetensors_folder(source)))
 
 
+def check_architecture(method: type[Method], lm: LoadedModel) -> None:
+    """Refuse a method the model's architecture cannot take: width and low-rank methods
+    on mixture-of-experts models (their MLPs are experts), expert pruning on dense ones."""
+    moe = bool(lm.adapter.spec.moe)
+    if moe and method.kind in ("structured", "lowrank"):
+        raise PrunekitError(
+            f"{method.name} does not prune mixture-of-experts models yet; use expert_prune, "
+            "a mask method (attention linears) or a depth method"
+        )
+    if not moe and method.kind == "experts":
+        raise PrunekitError(
+            f"{method.name} needs a mixture-of-experts model; {lm.adapter.config.model_type} "
+            "has dense MLPs"
+        )
+
+
 def check_streams(method: type[Method]) -> None:
     """Refuse blocks on disk for a method that needs the whole model in memory."""
     if not method.streams:
@@ -503,6 +519,7 @@ def run_plan(
         )
     _at_least("seed", seed, 0)
     check_seqlen(lm, seqlen)
+    check_architecture(plan.method, lm)
     if plan.pattern.is_nm:
         _check_nm_shapes(lm, plan.pattern)
     request = plan.make_request(seed, device, batch_size, compute_dtype)

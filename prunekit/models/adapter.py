@@ -36,6 +36,9 @@ class FamilySpec:
     h (GPT-NeoX). `heads_removable` is False where the attention slices its fused
     projection by the config's head counts (shared by all layers), so surgery cannot
     give one layer fewer heads.
+    `moe` is the path of a block's mixture-of-experts module (router `gate` [experts, H],
+    fused expert weights `experts.gate_up_proj` [E, 2I, H] / `experts.down_proj` [E, H, I],
+    optionally `shared_expert`), empty for dense MLPs.
     """
 
     model_types: tuple[str, ...]
@@ -49,6 +52,7 @@ class FamilySpec:
     output_norms: bool = False
     qkv_layout: str = ""
     heads_removable: bool = True
+    moe: str = ""
 
 
 def get_path(root: nn.Module, path: str) -> nn.Module:
@@ -131,6 +135,10 @@ class ModelAdapter:
     @property
     def lm_head(self) -> nn.Module:
         return self.model.get_output_embeddings()
+
+    def moe(self, block: nn.Module) -> nn.Module | None:
+        """The block's mixture-of-experts module, or None for a dense MLP."""
+        return get_path(block, self.spec.moe) if self.spec.moe else None
 
     def linears(self, block: nn.Module) -> dict[str, nn.Module]:
         """Prunable linears of a block, `{path inside block: module}`, attention first."""

@@ -27,6 +27,15 @@ FAMILIES: tuple[FamilySpec, ...] = (
         linears=_LLAMA_LINEARS,
         norms=_LLAMA_NORMS,
     ),
+    FamilySpec(  # mixture of experts: attention linears as Llama's, experts in `mlp`
+        model_types=("mixtral", "qwen2_moe", "qwen3_moe", "olmoe"),
+        blocks="model.layers",
+        final_norm="model.norm",
+        embed="model.embed_tokens",
+        linears={role: _LLAMA_LINEARS[role] for role in ("q", "k", "v", "o")},
+        norms=_LLAMA_NORMS,
+        moe="mlp",
+    ),
     FamilySpec(
         model_types=("gemma",),
         blocks="model.layers",

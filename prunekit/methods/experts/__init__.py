@@ -1,0 +1,1 @@
+"""Mixture-of-experts methods: whole experts removed per layer."""
