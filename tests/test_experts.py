@@ -148,3 +148,44 @@ def test_refusals(stories):
                        seqlen=32)  # fmt: skip
     with pytest.raises(prunekit.PrunekitError, match="does not prune mixture-of-experts"):
         prunekit.api.check_architecture(prunekit.api.get_method("flap"), lm)
+
+
+def test_expert_wanda_uses_the_routed_tokens_and_skips_unreached_experts():
+    from prunekit.methods.experts.expert_wanda import ExpertWanda
+    from prunekit.surgery.masks import Pattern
+
+    lm = _tiny("mixtral", seed=4)
+    dense = _tiny("mixtral", seed=4)
+    calib = torch.randint(2, 128, (4, 16), generator=torch.Generator().manual_seed(1))
+    handles = [_mask_router(lm.adapter.moe(b), [5], True) for b in lm.adapter.blocks]
+    ref_handles = [_mask_router(dense.adapter.moe(b), [5], True) for b in dense.adapter.blocks]
+    captured: dict[int, list] = {0: [], 1: []}
+    for i, block in enumerate(dense.adapter.blocks):
+        dense.adapter.moe(block).experts.register_forward_pre_hook(
+            lambda m, a, i=i: captured[i].append((a[0].detach(), a[1].detach()))
+        )
+    with torch.no_grad():
+        dense.model(calib[:2])
+        dense.model(calib[2:])
+    request = PruneRequest(sparsity=0.5, pattern=Pattern(), batch_size=2, seed=0)
+    details = ExpertWanda().run(lm, calib, request)
+    for handle in handles + ref_handles:
+        handle.remove()
+    assert details["experts_no_calibration_token_reached"] == {"0": [5], "1": [5]}
+    for i, block in enumerate(lm.adapter.blocks):
+        experts, original = (
+            lm.adapter.moe(block).experts,
+            dense.adapter.moe(dense.adapter.blocks[i]).experts,
+        )
+        assert torch.equal(experts.gate_up_proj[5], original.gate_up_proj[5])  # left dense
+        for e in range(5):
+            xs = [x[torch.where(index == e)[0]] for x, index in captured[i]]
+            x = torch.cat(xs)
+            norms = x.pow(2).sum(0).sqrt()
+            w = original.gate_up_proj[e].detach()
+            scores = w.abs() * norms
+            k = round(0.5 * w.shape[1])
+            drop = torch.topk(scores, k, dim=1, largest=False).indices
+            expected = torch.ones_like(w, dtype=torch.bool).scatter_(1, drop, False)
+            assert torch.equal(experts.gate_up_proj[e] != 0, expected), (i, e)
+            assert int((experts.down_proj[e] == 0).sum()) == experts.down_proj[e].numel() // 2
