@@ -344,6 +344,12 @@ def heal(
     top_k: int = typer.Option(64, help="teacher logits kept per token"),
     temperature: float = typer.Option(1.0, help="distillation temperature"),
     hidden_weight: float = typer.Option(0.0, help="weight of the matched block-output MSE"),
+    dynamic_every: int = typer.Option(
+        0, help="several --data sources: re-weight them by loss gap every N steps"
+    ),
+    reference_loss: str = typer.Option(
+        "", help="per-source reference losses for --dynamic-every [default: the teacher's]"
+    ),
     save_every: int = typer.Option(50, help="checkpoint every N steps (resumed on rerun)"),
     seed: int = typer.Option(0, help="seed of the windows and adapter initialisation"),
     overwrite: bool = typer.Option(False, help="replace an existing --out folder"),
@@ -378,6 +384,8 @@ def heal(
         top_k=top_k,
         temperature=temperature,
         hidden_weight=hidden_weight,
+        dynamic_every=dynamic_every,
+        reference_loss=_floats(reference_loss, "--reference-loss"),
         save_every=save_every,
         seed=seed,
     )
@@ -465,6 +473,15 @@ def speed(
                 "the dense time" + (" (slower than dense)" if row["csr_over_dense"] > 1 else "")
             )
     _write_json(json_path, payload)
+
+
+def _floats(text: str, flag: str) -> list[float] | None:
+    if not text:
+        return None
+    try:
+        return [float(v) for v in _split(text)]
+    except ValueError:
+        raise PrunekitError(f"{flag} must be numbers such as 3.1,2.8; got {text!r}") from None
 
 
 def _positive_ints(text: str, flag: str) -> list[int]:

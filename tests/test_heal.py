@@ -5,6 +5,7 @@ an interrupted run resumes to the same weights, and the CLI."""
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 
@@ -254,3 +255,68 @@ def test_cli_heal_writes_a_model_and_rejects_bad_input(pruned_dir, text_file, tm
         and "valid: lora, masked_lora, perp, distill" in bad.stderr
     )
     assert not (tmp_path / "x").exists()
+
+
+def test_dynamic_mixture_reweights_by_loss_gap():
+    from prunekit.recovery.mixture import DynamicMixture
+
+    class Fixed(torch.nn.Module):
+        """A "model" whose loss on source i is i + 1 nats (via the held-out windows)."""
+
+    pools = [torch.full((4, 8), i, dtype=torch.long) for i in range(3)]
+    mixture = DynamicMixture(pools, [p[:1] for p in pools], [1.0, 1.0, 1.0], 6, 2, 0)
+    import prunekit.recovery.mixture as mod
+
+    real = mod.mean_nll
+    mod.mean_nll = lambda model, held, batch: float(held[0, 0]) + 1.0
+    try:
+        losses = mixture.update(torch.nn.Linear(1, 1), 2)
+    finally:
+        mod.mean_nll = real
+    assert losses == [1.0, 2.0, 3.0]
+    w = torch.tensor([1.0, math.e, math.e**2])  # exp(max(loss - ref, 0))
+    torch.testing.assert_close(mixture.weights, (w / w.sum()).double())
+    batch = mixture.batch()
+    assert batch.shape == (6, 8) and set(batch[:, 0].tolist()) <= {0, 1, 2}
+    state = mixture.state()
+    again = [mixture.batch() for _ in range(3)]
+    mixture.restore(state)
+    assert all(torch.equal(a, mixture.batch()) for a in again)
+
+
+def test_heal_on_several_sources_with_dynamic_loading_resumes_identically(
+    pruned_dir, text_file, tmp_path, monkeypatch
+):
+    other = tmp_path / "other.txt"
+    other.write_text(load_text("tinystories", purpose="calib").text[:20000])
+    options = dict(
+        method="masked_lora", steps=6, save_every=2, data=f"{text_file},{other}",
+        dynamic_every=2, reference_loss=[3.0, 2.0],
+    )  # fmt: skip
+    config = _config(text_file, **options)
+    straight = heal_model(prunekit.load_pruned(pruned_dir, dtype="float32"), config)
+    weights = straight.record["source_weights"]
+    assert len(weights) == 3 and weights[0] == [0.5, 0.5] and weights[-1] != [0.5, 0.5]
+    import prunekit.recovery.healing as heal_module
+
+    real, calls = heal_module.next_token_loss, {"n": 0}
+
+    def flaky(logits, batch):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return real(logits, batch)
+
+    monkeypatch.setattr(heal_module, "next_token_loss", flaky)
+    with pytest.raises(HealInterrupted):
+        heal_model(prunekit.load_pruned(pruned_dir, dtype="float32"), config, tmp_path / "ck")
+    monkeypatch.setattr(heal_module, "next_token_loss", real)
+    resumed = heal_model(prunekit.load_pruned(pruned_dir, dtype="float32"), config, tmp_path / "ck")
+    assert resumed.record["source_weights"] == weights
+    a, b = _weights(straight.lm), _weights(resumed.lm)
+    assert all(torch.equal(a[n], b[n]) for n in a)
+
+
+def test_dynamic_loading_needs_reference_losses(text_file):
+    with pytest.raises(prunekit.PrunekitError, match="needs reference losses"):
+        _config(text_file, data=f"{text_file},{text_file}", dynamic_every=2)

@@ -27,7 +27,7 @@ ALLOWED: dict[str, set[str]] = {
     "export": {"models", "surgery"},
     "methods": {"models", "data", "engine", "surgery", "eval", "recovery"},
     "allocations": {"models", "data", "engine", "surgery", "eval", "methods"},
-    "recovery": {"models", "data", "engine", "export"},
+    "recovery": {"models", "data", "engine", "eval", "export"},
     "recipes": {"models", "data", "export", "recovery", "api", "bench"},
     "api": {
         "models",

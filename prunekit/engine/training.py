@@ -72,11 +72,14 @@ def train(
     fingerprint: dict | None = None,
     after_step: Callable[[], None] | None = None,
     lrs: dict[str, float] | None = None,
+    extra: tuple[Callable[[], dict], Callable[[dict], None]] | None = None,
 ) -> dict:
     """Run steps `0..steps-1` of `loss_fn(step)` (a scalar to minimise) over `params`,
     resuming from `checkpoint/checkpoint.pt` when it exists and its `fingerprint` (the
     run's settings) matches. `lrs` gives some parameters their own peak learning rate
-    (default `settings.lr`). Returns losses per step, seconds and the step resumed from."""
+    (default `settings.lr`). `extra` = (state, restore) saves and restores the caller's
+    own state (e.g. a data mixture) with each checkpoint. Returns losses per step,
+    seconds and the step resumed from."""
     groups: dict[float, list[nn.Parameter]] = {}
     for name, param in params.items():
         param.requires_grad_(True)
@@ -104,6 +107,12 @@ def train(
         schedule.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"])
         start, losses = state["step"], state["losses"]
+        if extra is not None:
+            extra[1](state["extra"])
+
+    # RNG and the caller's state as of the last finished step (a step interrupted midway
+    # may already have changed them)
+    settled = {"extra": extra[0]() if extra is not None else None, "rng": torch.get_rng_state()}
 
     def snapshot(step: int) -> None:
         if checkpoint is not None:
@@ -114,9 +123,10 @@ def train(
                     "params": {n: p.detach().clone() for n, p in params.items()},
                     "optimizer": optimizer.state_dict(),
                     "scheduler": schedule.state_dict(),
-                    "rng": torch.get_rng_state(),
+                    "rng": settled["rng"],
                     "losses": losses,
                     "fingerprint": fingerprint,
+                    "extra": settled["extra"],
                 },
             )
 
@@ -133,6 +143,9 @@ def train(
             optimizer.step()
             schedule.step()
             losses.append(float(loss.detach()))
+            settled["rng"] = torch.get_rng_state()
+            if extra is not None:
+                settled["extra"] = extra[0]()
             optimizer.zero_grad(set_to_none=True)
             if after_step is not None:
                 after_step()

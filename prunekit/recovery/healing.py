@@ -29,6 +29,7 @@ from torch import nn
 from prunekit.data import calibration_windows, load_text
 from prunekit.engine.training import TrainSettings, train
 from prunekit.errors import PrunekitError, choice_error
+from prunekit.eval.perplexity import mean_nll
 from prunekit.export.folder import RECORD_FILE, check_output_dir, read_record, save_pruned
 from prunekit.export.record import count_parameters, linear_zeros, peak_rss_mb
 from prunekit.models.adapter import weight_matrix
@@ -40,6 +41,7 @@ from prunekit.recovery.lora import (
     merge_peft_lora,
     target_linears,
 )
+from prunekit.recovery.mixture import DynamicMixture
 from prunekit.recovery.perp import PERP_PARTS, perp_parameters
 from prunekit.recovery.teacher import (
     block_outputs,
@@ -56,7 +58,7 @@ METHODS = ("lora", "masked_lora", "perp", "distill")
 class HealConfig:
     method: str = "lora"
     train: TrainSettings = field(default_factory=TrainSettings)
-    data: str = "wikitext2"  # dataset name or text file
+    data: str = "wikitext2"  # dataset name or text file; several: "wikitext2,ptb,FILE.txt"
     split: str | None = None  # default: the dataset's calibration split (never its test)
     batch_size: int = 8  # windows per step
     seqlen: int = 512
@@ -72,6 +74,8 @@ class HealConfig:
     temperature: float = 1.0
     hidden_weight: float = 0.0  # weight of the matched block-output MSE
     hidden_blocks: int = 4  # student blocks matched (evenly spaced, last included)
+    dynamic_every: int = 0  # several sources: re-weight them every N steps (0: equal shares)
+    reference_loss: list[float] | None = None  # per source [default: the teacher's]
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -87,6 +91,26 @@ class HealConfig:
             raise PrunekitError("batch_size, rank, top_k, hidden_blocks >= 1 and seqlen >= 2")
         if self.temperature <= 0 or self.hidden_weight < 0 or not 0 <= self.dropout < 1:
             raise PrunekitError("temperature > 0, hidden_weight >= 0 and dropout in [0, 1)")
+        sources = self.sources
+        if len(sources) > 1 and self.method == "distill":
+            raise PrunekitError(
+                "distill trains on one source; several --data need lora, masked_lora or perp"
+            )
+        if self.dynamic_every < 0 or (self.dynamic_every and len(sources) < 2):
+            raise PrunekitError("dynamic_every needs several --data sources and must be >= 0")
+        if self.dynamic_every and self.reference_loss is None and self.teacher is None:
+            raise PrunekitError(
+                "dynamic batch loading needs reference losses: --reference-loss (one per "
+                "source) or --teacher (the dense model's losses)"
+            )
+        if self.reference_loss is not None and len(self.reference_loss) != len(sources):
+            raise PrunekitError(
+                f"{len(self.reference_loss)} reference losses for {len(sources)} sources"
+            )
+
+    @property
+    def sources(self) -> list[str]:
+        return [s.strip() for s in self.data.split(",") if s.strip()]
 
 
 @dataclass
@@ -98,12 +122,34 @@ class Healed:
     peft_model: nn.Module | None = None
 
 
+def source_windows(lm: LoadedModel, config: HealConfig, source: str, count: int, seed: int):
+    """`count` seeded random windows [count, seqlen] of one training source."""
+    text = load_text(source, config.split, purpose="calib").text
+    return calibration_windows(lm.tokenizer, text, count, config.seqlen, seed)
+
+
 def training_batches(lm: LoadedModel, config: HealConfig) -> list[torch.Tensor]:
     """`steps` batches [batch_size, seqlen] of seeded random windows of the training text."""
-    text = load_text(config.data, config.split, purpose="calib").text
     count = config.train.steps * config.batch_size
-    windows = calibration_windows(lm.tokenizer, text, count, config.seqlen, config.seed)
+    windows = source_windows(lm, config, config.data, count, config.seed)
     return list(windows.split(config.batch_size))
+
+
+def build_mixture(lm: LoadedModel, config: HealConfig) -> DynamicMixture:
+    """Pools, held-out windows and reference losses of several sources."""
+    count = config.train.steps * config.batch_size
+    pools = [source_windows(lm, config, s, count, config.seed) for s in config.sources]
+    held = [source_windows(lm, config, s, 4, config.seed + 1) for s in config.sources]
+    reference = config.reference_loss
+    if reference is None and config.dynamic_every:
+        teacher = load_model(config.teacher, dtype="float32")
+        reference = [mean_nll(teacher.model, h, config.batch_size) for h in held]
+        del teacher
+        gc.collect()
+    every = config.dynamic_every or config.train.steps + 1  # 0: equal shares throughout
+    return DynamicMixture(
+        pools, held, reference or [0.0] * len(pools), config.batch_size, every, config.seed
+    )
 
 
 def sparsity_of(lm: LoadedModel) -> float:
@@ -156,12 +202,13 @@ def heal_model(
     present), the teacher cache under `cache_dir`. `depth` = (kept block indices, the
     teacher's block count) of a depth-pruned model matches blocks for the hidden loss."""
     began = time.perf_counter()
-    batches = training_batches(lm, config)
+    mixture = build_mixture(lm, config) if len(config.sources) > 1 else None
+    batches = training_batches(lm, config) if mixture is None else []
     sparsity_before = sparsity_of(lm)
     for param in lm.model.parameters():
         param.requires_grad_(False)
     teacher_cache, student_blocks, teacher_of = None, [], {}
-    if config.teacher is not None:
+    if config.teacher is not None and mixture is None:
         num_student = len(lm.adapter.blocks)
         if config.hidden_weight > 0:
             step = max(num_student // config.hidden_blocks, 1)
@@ -188,7 +235,12 @@ def heal_model(
     hidden, remove_hooks = block_outputs(list(lm.adapter.blocks), student_blocks)
 
     def loss_fn(step: int) -> torch.Tensor:
-        batch = batches[step]
+        if mixture is not None:
+            if step and step % mixture.every == 0:
+                mixture.update(runner, config.batch_size)
+            batch = mixture.batch()
+        else:
+            batch = batches[step]
         logits = runner(input_ids=batch, use_cache=False).logits
         if teacher_cache is None:
             return next_token_loss(logits, batch)
@@ -213,6 +265,7 @@ def heal_model(
             checkpoint,
             fingerprint,
             hold_zeros if holds else None,
+            extra=(mixture.state, mixture.restore) if mixture is not None else None,
         )
     finally:
         remove_hooks()
@@ -247,6 +300,7 @@ def heal_model(
         "wall_time_s": round(time.perf_counter() - began, 2),
         "peak_rss_mb": round(peak_rss_mb(), 1),
         **facts,
+        **({"source_weights": mixture.history} if mixture is not None else {}),
     }
     return Healed(lm, record, peft_model)
 
