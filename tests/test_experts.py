@@ -189,3 +189,25 @@ def test_expert_wanda_uses_the_routed_tokens_and_skips_unreached_experts():
             expected = torch.ones_like(w, dtype=torch.bool).scatter_(1, drop, False)
             assert torch.equal(experts.gate_up_proj[e] != 0, expected), (i, e)
             assert int((experts.down_proj[e] == 0).sum()) == experts.down_proj[e].numel() // 2
+
+
+def test_merging_folds_removed_experts_into_the_most_similar_by_routing_mass():
+    from prunekit.methods.experts.expert_prune import merge_into_similar
+
+    lm = _tiny("mixtral", seed=5)
+    experts = lm.adapter.moe(lm.adapter.blocks[0]).experts
+    with torch.no_grad():  # expert 4 is a near copy of expert 1
+        experts.gate_up_proj[4] = experts.gate_up_proj[1] + 0.01
+        experts.down_proj[4] = experts.down_proj[1] + 0.01
+    before = experts.gate_up_proj.detach().clone()
+    mass = torch.tensor([1.0, 3.0, 1.0, 1.0, 1.0, 1.0], dtype=torch.float64)
+    targets = merge_into_similar(experts, [4], mass)
+    assert targets == {4: 1}
+    expected = (before[1] * 3.0 + before[4] * 1.0) / 4.0
+    torch.testing.assert_close(experts.gate_up_proj[1].detach(), expected)
+    lm2 = _tiny("olmoe", seed=6)
+    request = PruneRequest(sparsity=1 / 3, batch_size=2, seed=0)
+    calib = torch.randint(2, 128, (4, 16), generator=torch.Generator().manual_seed(1))
+    details = ExpertPrune(ExpertConfig(merge=True)).run(lm2, calib, request)
+    assert set(details["merged_into"]["0"]) == set(details["removed_experts"]["0"])
+    assert lm2.model.config.num_experts == 4

@@ -6,6 +6,10 @@ Criteria (`criterion`):
   the tokens routed to an expert of gate weight × ‖expert output‖₂;
 - `frequency`: the number of routed token slots;
 - `gate`: the summed gate weight of the routed slots.
+With `merge=true` each removed expert is first folded into the kept expert whose weights
+are most similar (cosine of the flattened gate/up and down weights): the kept weights
+become the routing-mass-weighted mean (mass = summed gate weight of the routed slots);
+the kept expert's router row is unchanged.
 The lowest-scoring experts are removed (ties: the higher index goes first); the router's
 rows and the experts' slices go with them and the config's expert count is updated, so
 the folder loads in plain transformers. At least `top_k` experts stay. An expert that no
@@ -32,10 +36,32 @@ CRITERIA = ("reap", "frequency", "gate")
 @dataclass
 class ExpertConfig(MethodConfig):
     criterion: str = "reap"
+    merge: bool = False  # fold each removed expert into its most similar kept one
 
     def __post_init__(self) -> None:
         if self.criterion not in CRITERIA:
             raise choice_error("criterion", self.criterion, CRITERIA)
+
+
+def merge_into_similar(experts: nn.Module, drop: list[int], mass: torch.Tensor) -> dict:
+    """Fold every expert in `drop` into its most similar kept expert (weights averaged by
+    routing `mass` [experts]); returns {removed: kept}."""
+    kept = [e for e in range(experts.gate_up_proj.shape[0]) if e not in drop]
+    flat = torch.cat([experts.gate_up_proj.flatten(1), experts.down_proj.flatten(1)], 1)
+    flat = F.normalize(flat.float(), dim=1)
+    total = mass.clone().double()
+    targets = {}
+    with torch.no_grad():
+        for r in drop:
+            k = kept[int((flat[kept] @ flat[r]).argmax())]
+            targets[r] = k
+            a, b = float(total[k]), float(mass[r])
+            if a + b <= 0:
+                continue
+            for weight in (experts.gate_up_proj, experts.down_proj):
+                weight[k] = (weight[k] * a + weight[r] * b) / (a + b)
+            total[k] = a + b
+    return targets
 
 
 def expert_outputs(experts: nn.Module, x: torch.Tensor, expert: int) -> torch.Tensor:
@@ -108,11 +134,13 @@ class ExpertPrune(Method):
             for s in stats:
                 s.handle.remove()
             lm.model.to(home)
-        removed, unreached = {}, {}
+        removed, unreached, merged = {}, {}, {}
         for i, (moe, s) in enumerate(zip(modules, stats, strict=True)):
             scores = s.scores(self.config.criterion)
             order = sorted(range(total), key=lambda e: (float(scores[e]), -e))
             drop = sorted(order[:remove])
+            if self.config.merge:
+                merged[str(i)] = merge_into_similar(moe.experts, drop, s.gate)
             keep_experts(moe, [e for e in range(total) if e not in drop])
             removed[str(i)] = drop
             if (s.count == 0).any():
@@ -123,6 +151,7 @@ class ExpertPrune(Method):
             "experts_after": total - remove,
             "removed_experts": removed,
             "experts_no_calibration_token_reached": unreached,
+            **({"merged_into": merged} if self.config.merge else {}),
         }
 
     def outcome(self, details: dict) -> str | None:
