@@ -6,9 +6,13 @@
 - `width/`: structured width (heads, KV groups, MLP channels, hidden dimension); driver
   `base.py`.
 - `depth/`: whole decoder blocks removed or merged; driver `base.py`.
+- `learned/`: hard-concrete masks trained to a target shape (Sheared LLaMA, Compresso,
+  NutePrune); driver `base.py`, gates `hard_concrete.py`.
+- `lowrank/`: rank-k approximations (LASER).
+- `experts/`: mixture-of-experts models: whole experts removed, Wanda inside experts.
 
-Methods may import the engine, surgery, models, data and evaluation; nothing below this
-layer imports a method.
+Methods may import the engine, surgery, models, data, evaluation and recovery (LoRA);
+nothing below this layer imports a method.
 """
 
 import importlib
