@@ -1,0 +1,89 @@
+"""Inference speed of pruned SmolLM2-135M against dense in torch on CPU, the same
+measurement as `prunekit speed` (interleaved prefill / decode, medians of repeats):
+ShortGPT 30% (depth), FLAP 40% (width) and magnitude 2:4 (dense kernels, so no gain
+expected), with the CSR sparse-matmul check for the 2:4 model.
+
+    python benchmarks/speed.py --prefill 256 --decode 32 --batch 1,8 --repeats 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+import prunekit
+from prunekit.eval.speed import prompt_ids, sparse_matmul, speed_table
+
+RESULTS = Path(__file__).resolve().parent / "results"
+VARIANTS = {
+    "shortgpt 30%": ("shortgpt", {"sparsity": 0.3}),
+    "flap 40%": ("flap", {"sparsity": 0.4}),
+    "magnitude 2:4": ("magnitude", {"pattern": "2:4"}),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--prefill", type=int, default=256)
+    parser.add_argument("--decode", type=int, default=32)
+    parser.add_argument("--batch", default="1,8")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--name", default="speed_smollm2")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    batches = [int(b) for b in args.batch.split(",")]
+    dense = prunekit.load_model(args.model, dtype="float32")
+    prompt = prompt_ids(dense.tokenizer, args.prefill)
+    models = {"dense": dense.model}
+    csr = {}
+    for name, (method, options) in VARIANTS.items():
+        lm = prunekit.load_model(args.model, dtype="float32")
+        prunekit.prune(lm, method, nsamples=16, seqlen=256, **options)
+        models[name] = lm.model
+        if "pattern" in options:
+            widest = max(
+                (m for b in lm.adapter.blocks for m in lm.adapter.linears(b).values()),
+                key=lambda m: m.weight.numel(),
+            )
+            csr[name] = {
+                f"{t} tokens": sparse_matmul(widest.weight, t, args.repeats)
+                for t in (1, args.prefill)
+            }
+    table = speed_table(models, prompt, args.decode, batches, args.repeats)
+    payload = {"args": vars(args), "speed": table, "csr": csr}
+    lines = [
+        f"Model {args.model}, torch on CPU, {args.threads} thread(s); prompt {args.prefill} "
+        f"tokens, {args.decode} greedy decode steps; medians of {args.repeats} interleaved "
+        "repeats (min-max in the JSON).",
+        "",
+        "| model | batch | prefill tok/s | x dense | decode tok/s | x dense |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, rows in table.items():
+        for key, row in rows.items():
+            base = table["dense"][key]
+            pre, dec = row["prefill_tok_s"]["median"], row["decode_tok_s"]["median"]
+            lines.append(
+                f"| {name} | {key.split()[-1]} | {pre:.0f} "
+                f"| {pre / base['prefill_tok_s']['median']:.2f} | {dec:.1f} "
+                f"| {dec / base['decode_tok_s']['median']:.2f} |"
+            )
+    for name, rows in csr.items():
+        for key, row in rows.items():
+            lines.append(
+                f"\n{name}: its widest linear as torch CSR at {key}: "
+                f"{row['csr_over_dense']:.2f}x the dense matmul time."
+            )
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(payload, indent=2) + "\n")
+    (RESULTS / f"{args.name}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
