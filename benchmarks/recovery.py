@@ -53,6 +53,11 @@ def prune(model: str, stages: list, args: argparse.Namespace) -> prunekit.Loaded
 
 def markdown(payload: dict) -> str:
     a = payload["args"]
+    tasks = [t for t in a.get("tasks", "").split(",") if t]
+
+    def accuracies(row: dict) -> str:
+        return "".join(f"| {row['tasks'][t]:.3f} " for t in tasks)
+
     lines = [
         f"Model {a['model']}; healing {a['steps']} steps of {a['batch_size']} x {a['seqlen']} "
         f"tokens of WikiText-2 valid (lr {a['lr']}, cosine, LoRA rank 8 on every linear); "
@@ -60,20 +65,21 @@ def markdown(payload: dict) -> str:
         f"WikiText-2 (tokenized wiki.*.tokens) and PTB test; {a['threads']} threads.",
         "",
         "| pruned | heal | params | sparsity before -> after | trainable | wikitext2 | ptb "
-        "| wikitext2 log-ppl recovered per M trainable | s/step | peak RSS MiB |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        + "".join(f"| {t} acc " for t in tasks)
+        + "| wikitext2 log-ppl recovered per M trainable | s/step | peak RSS MiB |",
+        "|---|---|---|---|---|---|---|" + "---|" * len(tasks) + "---|---|---|",
     ]
     unhealed = {r["pruned"]: r for r in payload["rows"] if r["heal"] == "none"}
     d = payload["dense"]
     lines.append(
         f"| dense | - | {d['parameters'] / 1e6:.2f}M | - | - | {d['wikitext2']:.2f} "
-        f"| {d['ptb']:.2f} | - | - | - |"
+        f"| {d['ptb']:.2f} {accuracies(d)}| - | - | - |"
     )
     for r in payload["rows"]:
         lines.append(
             f"| {r['pruned']} | {r['heal']} | {r['parameters'] / 1e6:.2f}M "
             f"| {r['sparsity_before']:.4f} -> {r['sparsity_after']:.4f} "
-            f"| {r['trainable']:,} | {r['wikitext2']:.2f} | {r['ptb']:.2f} "
+            f"| {r['trainable']:,} | {r['wikitext2']:.2f} | {r['ptb']:.2f} {accuracies(r)}"
             f"| {recovered(r, unhealed.get(r['pruned']))} "
             f"| {r['seconds_per_step'] or '-'} | {r['peak_rss_mb'] or '-'} |"
         )
@@ -105,6 +111,8 @@ def main() -> None:
     parser.add_argument("--eval-limit", type=int, default=8)
     parser.add_argument("--eval-seqlen", type=int, default=1024)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--tasks", default="", help="zero-shot tasks too, e.g. piqa,arc_easy")
+    parser.add_argument("--task-limit", type=int, default=200, help="items per task")
     parser.add_argument("--name", default="recovery_smollm2")
     parser.add_argument("--render", action="store_true", help="rewrite the table from the JSON")
     args = parser.parse_args()
@@ -114,9 +122,15 @@ def main() -> None:
         return
     torch.set_num_threads(args.threads)
 
+    tasks = [t for t in args.tasks.split(",") if t]
+
     def ppl(lm) -> dict:
         result = prunekit.evaluate(lm, ["wikitext2", "ptb"], args.eval_seqlen, args.eval_limit)
-        return {name: result[name]["perplexity"] for name in ("wikitext2", "ptb")}
+        scores = {name: result[name]["perplexity"] for name in ("wikitext2", "ptb")}
+        if tasks:
+            zero_shot = prunekit.evaluate(lm, tasks, limit=args.task_limit)
+            scores["tasks"] = {t: zero_shot[t]["acc"] for t in tasks}
+        return scores
 
     dense = prunekit.load_model(args.model, dtype="float32")
     payload = {
