@@ -320,3 +320,13 @@ def test_heal_on_several_sources_with_dynamic_loading_resumes_identically(
 def test_dynamic_loading_needs_reference_losses(text_file):
     with pytest.raises(prunekit.PrunekitError, match="needs reference losses"):
         _config(text_file, data=f"{text_file},{text_file}", dynamic_every=2)
+
+
+def test_peft_lora_on_several_sources_merges_with_the_mask(pruned_dir, text_file, tmp_path):
+    other = tmp_path / "other.txt"
+    other.write_text(load_text("tinystories", purpose="calib").text[:20000])
+    config = _config(text_file, method="lora", steps=2, data=f"{text_file},{other}")
+    healed = heal_model(prunekit.load_pruned(pruned_dir, dtype="float32"), config)
+    assert healed.record["sparsity_after"] == healed.record["sparsity_before"]
+    assert healed.record["source_weights"] == [[0.5, 0.5]]
+    assert "merge_loss_change" in healed.record

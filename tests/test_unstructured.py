@@ -418,7 +418,10 @@ def test_cli_allocation_spec_runs_and_records(tmp_path):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--allocation", "owly"], "unknown allocation 'owly'; valid: file, owl, predictor, uniform"),
+        (
+            ["--allocation", "owly"],
+            "unknown allocation 'owly'; valid: file, owl, predictor, uniform",
+        ),
         (["--allocation", "owl", "--pattern", "2:4"], "needs an unstructured pattern"),
         (["--allocation", "owl:m=x"], "option 'm' needs a float"),
     ],

@@ -275,7 +275,8 @@ def heal_model(
     peft_model, facts = None, {}
     if config.method == "lora":
         if config.merge:
-            facts["merge_loss_change"] = _merge_cost(lm, runner, batches[-1])
+            probe = batches[-1] if batches else mixture.held_out[0]
+            facts["merge_loss_change"] = _merge_cost(runner, probe)
             lm.model = merge_peft_lora(runner, keep_mask=True)
         else:
             peft_model = runner
@@ -305,7 +306,7 @@ def heal_model(
     return Healed(lm, record, peft_model)
 
 
-def _merge_cost(lm: LoadedModel, peft_model: nn.Module, batch: torch.Tensor) -> float:
+def _merge_cost(peft_model: nn.Module, batch: torch.Tensor) -> float:
     """Relative change of the loss on `batch` from merging with the mask re-applied:
     (merged − unmerged) / unmerged, measured on a copy of the adapters' effect."""
     with torch.no_grad():
