@@ -17,7 +17,7 @@ import prunekit
 from prunekit.data import load_text
 from prunekit.engine.training import HealInterrupted
 from prunekit.recovery import heal as heal_folder
-from prunekit.recovery import heal_model, make_config
+from prunekit.recovery import heal_model, healing, make_config
 from prunekit.recovery.teacher import kd_loss, matched_blocks
 
 
@@ -193,13 +193,9 @@ def test_distill_holds_zeros_and_uses_the_teacher(pruned_dir, text_file, tmp_pat
     assert len(files) == 4  # one per step, computed once
 
 
-def test_interrupted_heal_resumes_to_the_same_weights(pruned_dir, text_file, tmp_path, monkeypatch):
-    config = _config(text_file, method="masked_lora", steps=6, save_every=2)
-    straight = heal_model(prunekit.load_pruned(pruned_dir, dtype="float32"), config)
-
-    import prunekit.recovery.healing as heal_module
-
-    real, calls = heal_module.next_token_loss, {"n": 0}
+def _interrupt_at_fourth_step(monkeypatch):
+    """Make the 4th training step raise Ctrl-C; returns the real loss to restore."""
+    real, calls = healing.next_token_loss, {"n": 0}
 
     def flaky(logits, batch):
         calls["n"] += 1
@@ -207,10 +203,18 @@ def test_interrupted_heal_resumes_to_the_same_weights(pruned_dir, text_file, tmp
             raise KeyboardInterrupt
         return real(logits, batch)
 
-    monkeypatch.setattr(heal_module, "next_token_loss", flaky)
+    monkeypatch.setattr(healing, "next_token_loss", flaky)
+    return real
+
+
+def test_interrupted_heal_resumes_to_the_same_weights(pruned_dir, text_file, tmp_path, monkeypatch):
+    config = _config(text_file, method="masked_lora", steps=6, save_every=2)
+    straight = heal_model(prunekit.load_pruned(pruned_dir, dtype="float32"), config)
+
+    real = _interrupt_at_fourth_step(monkeypatch)
     with pytest.raises(HealInterrupted, match="checkpoint at step 3"):
         heal_model(prunekit.load_pruned(pruned_dir, dtype="float32"), config, tmp_path / "ckpt")
-    monkeypatch.setattr(heal_module, "next_token_loss", real)
+    monkeypatch.setattr(healing, "next_token_loss", real)
     resumed = heal_model(
         prunekit.load_pruned(pruned_dir, dtype="float32"), config, tmp_path / "ckpt"
     )
@@ -297,20 +301,10 @@ def test_heal_on_several_sources_with_dynamic_loading_resumes_identically(
     straight = heal_model(prunekit.load_pruned(pruned_dir, dtype="float32"), config)
     weights = straight.record["source_weights"]
     assert len(weights) == 3 and weights[0] == [0.5, 0.5] and weights[-1] != [0.5, 0.5]
-    import prunekit.recovery.healing as heal_module
-
-    real, calls = heal_module.next_token_loss, {"n": 0}
-
-    def flaky(logits, batch):
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise KeyboardInterrupt
-        return real(logits, batch)
-
-    monkeypatch.setattr(heal_module, "next_token_loss", flaky)
+    real = _interrupt_at_fourth_step(monkeypatch)
     with pytest.raises(HealInterrupted):
         heal_model(prunekit.load_pruned(pruned_dir, dtype="float32"), config, tmp_path / "ck")
-    monkeypatch.setattr(heal_module, "next_token_loss", real)
+    monkeypatch.setattr(healing, "next_token_loss", real)
     resumed = heal_model(prunekit.load_pruned(pruned_dir, dtype="float32"), config, tmp_path / "ck")
     assert resumed.record["source_weights"] == weights
     a, b = _weights(straight.lm), _weights(resumed.lm)

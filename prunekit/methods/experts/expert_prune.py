@@ -100,6 +100,21 @@ class RoutedStatistics:
         return self.reap / self.count.clamp_min(1)
 
 
+def routed_pass(lm: LoadedModel, calib: torch.Tensor, request: PruneRequest, stats: list):
+    """Run the calibration windows through the model on `request.device` while the
+    statistics' hooks (`.handle`) collect, then remove the hooks; returns `stats`."""
+    home = next(lm.model.parameters()).device
+    lm.model.to(request.device)
+    try:
+        with torch.no_grad():
+            window_nll(lm.model, calib, request.batch_size, desc="expert statistics")
+    finally:
+        for s in stats:
+            s.handle.remove()
+        lm.model.to(home)
+    return stats
+
+
 @register
 class ExpertPrune(Method):
     name = "expert_prune"
@@ -124,16 +139,7 @@ class ExpertPrune(Method):
                 f"removing {remove} of {total} experts leaves fewer than top_k={k}; "
                 f"valid: sparsity <= {(total - k) / total:.3f}"
             )
-        stats = [RoutedStatistics(moe) for moe in modules]
-        home = next(lm.model.parameters()).device
-        lm.model.to(request.device)
-        try:
-            with torch.no_grad():
-                window_nll(lm.model, calib, request.batch_size, desc="expert statistics")
-        finally:
-            for s in stats:
-                s.handle.remove()
-            lm.model.to(home)
+        stats = routed_pass(lm, calib, request, [RoutedStatistics(moe) for moe in modules])
         removed, unreached, merged = {}, {}, {}
         for i, (moe, s) in enumerate(zip(modules, stats, strict=True)):
             scores = s.scores(self.config.criterion)

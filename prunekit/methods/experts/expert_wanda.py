@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from prunekit.eval.perplexity import window_nll
 from prunekit.methods.base import Method, PruneRequest, register
+from prunekit.methods.experts.expert_prune import routed_pass
 from prunekit.models.loading import LoadedModel
 from prunekit.surgery.experts import expert_count
 from prunekit.surgery.masks import make_mask
@@ -57,13 +57,7 @@ class ExpertWanda(Method):
     def run(self, lm: LoadedModel, calib: torch.Tensor | None, request: PruneRequest) -> dict:
         adapter = lm.adapter
         modules = [adapter.moe(block) for block in adapter.blocks]
-        stats = [RoutedNorms(moe) for moe in modules]
-        try:
-            with torch.no_grad():
-                window_nll(lm.model, calib, request.batch_size, desc="expert statistics")
-        finally:
-            for s in stats:
-                s.handle.remove()
+        stats = routed_pass(lm, calib, request, [RoutedNorms(moe) for moe in modules])
         unreached = {}
         with torch.no_grad():
             for i, (moe, s) in enumerate(zip(modules, stats, strict=True)):
