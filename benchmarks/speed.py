@@ -1,9 +1,10 @@
 """Inference speed of pruned SmolLM2-135M against dense in torch on CPU, the same
 measurement as `prunekit speed` (interleaved prefill / decode, medians of repeats):
 ShortGPT 30% (depth), FLAP 40% (width) and magnitude 2:4 (dense kernels, so no gain
-expected), with the CSR sparse-matmul check for the 2:4 model.
+expected), with the CSR sparse-matmul check for the 2:4 model; with `--llamacpp`, the
+GGUF exports of the models GGUF can hold timed in llama.cpp too.
 
-    python benchmarks/speed.py --prefill 256 --decode 32 --batch 1,8 --repeats 3
+    python benchmarks/speed.py --prefill 256 --decode 32 --batch 1,8 --repeats 3 --llamacpp
 """
 
 from __future__ import annotations
@@ -25,6 +26,25 @@ VARIANTS = {
 }
 
 
+def llamacpp_rows(loaded: dict, prompt: torch.Tensor, args: argparse.Namespace) -> dict:
+    """The exportable models timed in llama.cpp at batch 1."""
+    import tempfile
+
+    from prunekit.errors import PrunekitError
+    from prunekit.eval.speed import llamacpp_table
+    from prunekit.export.gguf import check_exportable, export_gguf
+
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = {}
+        for name, lm in loaded.items():
+            try:
+                check_exportable(lm, args.quant)
+            except PrunekitError:
+                continue
+            paths[name] = str(export_gguf(lm, Path(tmp) / f"{len(paths)}.gguf", args.quant))
+        return llamacpp_table(paths, prompt[0].tolist(), args.decode, args.repeats, args.threads)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
@@ -33,6 +53,8 @@ def main() -> None:
     parser.add_argument("--batch", default="1,8")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--llamacpp", action="store_true", help="also time the GGUF exports")
+    parser.add_argument("--quant", default="f16", help="GGUF weights for --llamacpp")
     parser.add_argument("--name", default="speed_smollm2")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -40,11 +62,12 @@ def main() -> None:
     dense = prunekit.load_model(args.model, dtype="float32")
     prompt = prompt_ids(dense.tokenizer, args.prefill)
     models = {"dense": dense.model}
+    loaded = {"dense": dense}
     csr = {}
     for name, (method, options) in VARIANTS.items():
         lm = prunekit.load_model(args.model, dtype="float32")
         prunekit.prune(lm, method, nsamples=16, seqlen=256, **options)
-        models[name] = lm.model
+        models[name], loaded[name] = lm.model, lm
         if "pattern" in options:
             widest = max(
                 (m for b in lm.adapter.blocks for m in lm.adapter.linears(b).values()),
@@ -56,6 +79,8 @@ def main() -> None:
             }
     table = speed_table(models, prompt, args.decode, batches, args.repeats)
     payload = {"args": vars(args), "speed": table, "csr": csr}
+    cpp = llamacpp_rows(loaded, prompt, args) if args.llamacpp else {}
+    payload["llamacpp"] = cpp
     lines = [
         f"Model {args.model}, torch on CPU, {args.threads} thread(s); prompt {args.prefill} "
         f"tokens, {args.decode} greedy decode steps; medians of {args.repeats} interleaved "
@@ -72,6 +97,23 @@ def main() -> None:
                 f"| {name} | {key.split()[-1]} | {pre:.0f} "
                 f"| {pre / base['prefill_tok_s']['median']:.2f} | {dec:.1f} "
                 f"| {dec / base['decode_tok_s']['median']:.2f} |"
+            )
+    if cpp:
+        lines += [
+            "",
+            f"llama.cpp (llama-cpp-python, GGUF {args.quant}), batch 1, same prompt and "
+            "decode length; models GGUF cannot hold (FLAP's added biases) are left out:",
+            "",
+            "| model | prefill tok/s | x dense | decode tok/s | x dense |",
+            "|---|---|---|---|---|",
+        ]
+        base = cpp["dense"]["batch 1"]
+        for name, rows in cpp.items():
+            row = rows["batch 1"]
+            pre, dec = row["prefill_tok_s"]["median"], row["decode_tok_s"]["median"]
+            lines.append(
+                f"| {name} | {pre:.0f} | {pre / base['prefill_tok_s']['median']:.2f} "
+                f"| {dec:.1f} | {dec / base['decode_tok_s']['median']:.2f} |"
             )
     for name, rows in csr.items():
         for key, row in rows.items():

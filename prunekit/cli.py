@@ -413,6 +413,8 @@ def speed(
     decode: int = typer.Option(64, help="greedy decode steps after the prompt"),
     batch: str = typer.Option("1", help="batch sizes, e.g. 1,8"),
     repeats: int = typer.Option(5, help="interleaved repeats (medians and min/max)"),
+    engine: str = typer.Option("torch", help="torch, or llamacpp (exports GGUF, batch 1)"),
+    quant: str = typer.Option("f16", help="llamacpp: GGUF weights (f32, f16, bf16, q8_0)"),
     threads: int | None = typer.Option(None, help=THREADS_HELP),
     json_path: Path | None = typer.Option(None, "--json", help="write the figures here"),
 ) -> None:
@@ -423,6 +425,10 @@ def speed(
     batches = _positive_ints(batch, "--batch")
     if prefill < 1 or decode < 1 or repeats < 1:
         raise PrunekitError("--prefill, --decode and --repeats must be at least 1")
+    if engine not in ("torch", "llamacpp"):
+        raise PrunekitError(f"unknown --engine {engine!r}; valid: torch, llamacpp")
+    if engine == "llamacpp" and batches != [1]:
+        raise PrunekitError("--engine llamacpp times batch 1 only; valid: --batch 1")
     _check_json_path(json_path)
     _set_threads(threads)
     models = {"model": _load_any(model)}
@@ -430,8 +436,14 @@ def speed(
         models["baseline"] = _load_any(baseline)
     api.check_seqlen(models["model"], prefill + decode, "--prefill + --decode")
     prompt = prompt_ids(models["model"].tokenizer, prefill)
-    table = speed_table({k: v.model for k, v in models.items()}, prompt, decode, batches, repeats)
+    if engine == "llamacpp":
+        table = _llamacpp_speed(models, prompt, decode, repeats, quant)
+    else:
+        table = speed_table(
+            {k: v.model for k, v in models.items()}, prompt, decode, batches, repeats
+        )
     payload = {
+        "engine": engine,
         "model": model,
         "baseline": baseline,
         "prefill": prefill,
@@ -473,6 +485,29 @@ def speed(
                 "the dense time" + (" (slower than dense)" if row["csr_over_dense"] > 1 else "")
             )
     _write_json(json_path, payload)
+
+
+def _llamacpp_speed(models: dict, prompt, decode: int, repeats: int, quant: str) -> dict:
+    """Export every model to a temporary GGUF and time it in llama.cpp."""
+    import tempfile
+
+    from prunekit.eval.speed import llamacpp_table
+    from prunekit.export.gguf import check_exportable, export_gguf
+
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        raise PrunekitError(
+            "--engine llamacpp needs llama-cpp-python: pip install llama-cpp-python"
+        ) from None
+    for lm in models.values():
+        check_exportable(lm, quant)
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = {
+            name: str(export_gguf(lm, Path(tmp) / f"{name}.gguf", quant))
+            for name, lm in models.items()
+        }
+        return llamacpp_table(paths, prompt[0].tolist(), decode, repeats, torch_threads())
 
 
 def _floats(text: str, flag: str) -> list[float] | None:

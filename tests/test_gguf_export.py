@@ -112,3 +112,26 @@ def test_cli_export_refuses_bad_input_in_one_line(tmp_path):
     done = run_cli("export", "stories260k", "--gguf", str(tmp_path / "s.gguf"), cwd=tmp_path)
     assert done.returncode == 2 and "byte fallback" in done.stderr
     assert not list(tmp_path.glob("*s.gguf*"))
+
+
+def test_speed_in_llamacpp(tokenizer, tmp_path):
+    """`prunekit speed --engine llamacpp` times a tiny exported model (where llama-cpp-python
+    is installed); batch sizes other than 1 are refused everywhere."""
+    from helpers import run_cli
+
+    bad = run_cli("speed", "stories260k", "--engine", "llamacpp", "--batch", "8", cwd=tmp_path)
+    assert bad.returncode == 2 and "valid: --batch 1" in bad.stderr
+    pytest.importorskip("llama_cpp")
+    lm = _tiny(tokenizer)
+    lm.model.save_pretrained(tmp_path / "tiny")
+    tokenizer.save_pretrained(tmp_path / "tiny")
+    out = tmp_path / "speed.json"
+    done = run_cli(
+        "speed", str(tmp_path / "tiny"), "--engine", "llamacpp", "--prefill", "16",
+        "--decode", "4", "--repeats", "1", "--json", str(out), cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    import json
+
+    row = json.loads(out.read_text())["speed"]["model"]["batch 1"]
+    assert row["prefill_tok_s"]["median"] > 0 and row["decode_tok_s"]["median"] > 0

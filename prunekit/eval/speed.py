@@ -140,3 +140,39 @@ def sparse_matmul(weight: torch.Tensor, tokens: int, repeats: int) -> dict[str, 
     dense = timed(lambda: x @ w.t())
     sparse = timed(lambda: (csr @ x.t()).t())
     return {"dense_s": dense, "csr_s": sparse, "csr_over_dense": sparse / dense}
+
+
+def llamacpp_table(
+    paths: dict[str, str], prompt: list[int], decode: int, repeats: int, threads: int
+) -> dict[str, dict[str, dict]]:
+    """Prefill and decode throughput of GGUF files in llama.cpp (llama-cpp-python), batch 1,
+    measured interleaved: the same shape as `speed_table`'s rows under "batch 1"."""
+    from llama_cpp import Llama
+
+    models = {
+        name: Llama(model_path=path, n_ctx=len(prompt) + decode + 8, n_threads=threads,
+                    verbose=False)
+        for name, path in paths.items()
+    }  # fmt: skip
+
+    def measure(llm) -> dict[str, float]:
+        llm.reset()
+        start = time.perf_counter()
+        llm.eval(prompt)
+        prefill = time.perf_counter() - start
+        start = time.perf_counter()
+        for _ in range(decode):  # greedy: sample at temperature 0, feed the token back
+            llm.eval([llm.sample(temp=0.0)])
+        return {"prefill": prefill, "decode": time.perf_counter() - start}
+
+    samples = interleaved(models, measure, repeats, warmup=measure)
+    return {
+        name: {
+            "batch 1": {
+                "prefill_tok_s": spread([len(prompt) / s for s in kinds["prefill"]]),
+                "decode_tok_s": spread([decode / s for s in kinds["decode"]]),
+                "decode_ms_per_token": spread([1000 * s / decode for s in kinds["decode"]]),
+            }
+        }
+        for name, kinds in samples.items()
+    }
