@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from prunekit import settings
 from prunekit.data import calibration_windows, load_text
 from prunekit.engine.training import TrainSettings, train
 from prunekit.errors import PrunekitError, choice_error
@@ -226,7 +227,7 @@ def heal_model(
             config.teacher,
             batches,
             config.top_k,
-            cache_dir or Path(".prunekit-cache") / "teacher",
+            cache_dir or settings.cache_dir() / "teacher",
             sorted(set(teacher_of.values())),
         )
         gc.collect()
