@@ -139,10 +139,23 @@ def test_compresso_prompt_is_prepended_and_skipped_by_the_loss(stories, stories_
     )
 
 
-def test_nuteprune_target_tightens_from_full_width_to_the_target():
+def test_targets_tighten_from_full_width_to_the_target():
+    from prunekit.methods.learned.sheared_llama import warmed_target
+
+    full, target = {"kv": 4, "intermediate": 172, "layers": 5}, {"kv": 2, "intermediate": 100}
+    assert warmed_target(full, target, 0, 5) == {"kv": 4.0, "intermediate": 172.0}
+    assert warmed_target(full, target, 4, 5)["kv"] == pytest.approx(4 - 2 * 0.8)
+    assert warmed_target(full, target, 9, 5) == {"kv": 2.0, "intermediate": 100.0}
+    assert warmed_target(full, target, 0, 0) == {"kv": 2.0, "intermediate": 100.0}
     method = NutePrune(NutePrune.Config(steps=10, ramp=0.5))
-    method.full = {"kv": 4, "intermediate": 172, "layers": 5}
-    target = {"kv": 2, "intermediate": 100}
-    first, last = method.current_target(target, 0), method.current_target(target, 4)
-    assert first["kv"] == pytest.approx(4 - 2 * 0.2) and last == {"kv": 2.0, "intermediate": 100.0}
-    assert method.current_target(target, 9) == last
+    assert method.warmup_steps() == 5
+
+
+def test_lagrangian_is_on_per_block_sparsities():
+    from prunekit.methods.learned.sheared_llama import lagrangian
+
+    lm = prunekit.load_model("stories260k")
+    gates = ModelGates(lm.adapter, keep=0.5)  # expected sparsity 0.5 everywhere
+    lam = {"kv": torch.tensor([2.0, 3.0])}
+    got = float(lagrangian(gates, {"kv": 1}, lam).detach())  # target sparsity 1 - 1/4 = 0.75
+    assert got == pytest.approx(2.0 * (0.5 - 0.75) + 3.0 * (0.5 - 0.75) ** 2, rel=1e-5)

@@ -4,7 +4,7 @@ teachers that are the same model under earlier, less sparse masks and LoRA state
 memory holds one model.
 
 The target rises linearly from the full widths to the final target over the first `ramp`
-share of the steps, enforced by Lagrange multipliers as Sheared LLaMA's. Every
+share of the steps, enforced by Sheared LLaMA's Lagrangian on per-block sparsities. Every
 `teacher_every` steps the current test-time gates and masked-LoRA weights become the
 teacher (the first teacher is the dense model); the loss is the KL divergence from the
 teacher's next-token distribution to the student's, computed by swapping the teacher's
@@ -21,9 +21,9 @@ from torch import nn
 
 from prunekit.errors import PrunekitError
 from prunekit.methods.base import register
-from prunekit.methods.learned.base import LearnedConfig, widest
+from prunekit.methods.learned.base import LearnedConfig
 from prunekit.methods.learned.hard_concrete import ModelGates
-from prunekit.methods.learned.sheared_llama import ShearedLlama, lagrangian
+from prunekit.methods.learned.sheared_llama import ShearedLlama
 
 
 @dataclass
@@ -45,16 +45,11 @@ class NutePrune(ShearedLlama):
     Config = NutePruneConfig
 
     def setup(self, gates: ModelGates, target: dict[str, int]) -> dict[str, nn.Parameter]:
-        self.full = widest(gates)
         self.teacher: dict | None = None
         return super().setup(gates, target)
 
-    def current_target(self, target: dict[str, int], step: int) -> dict[str, float]:
-        share = min(1.0, (step + 1) / max(self.config.ramp * self.config.steps, 1.0))
-        return {k: self.full[k] - (self.full[k] - v) * share for k, v in target.items()}
-
-    def constraint(self, gates: ModelGates, target: dict[str, int], step: int) -> torch.Tensor:
-        return lagrangian(gates, self.current_target(target, step), self.multipliers)
+    def warmup_steps(self) -> float:
+        return self.config.ramp * self.config.steps
 
     def snapshot(self) -> dict:
         values = self.gates.deterministic_values()
