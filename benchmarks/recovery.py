@@ -23,9 +23,8 @@ import torch
 
 import prunekit
 from prunekit.bench.memory import cell_peak_rss_mb, reset_peak_rss
-from prunekit.export.record import count_parameters
+from prunekit.export.record import count_parameters, overall_sparsity
 from prunekit.recovery import heal_model, make_config
-from prunekit.recovery.healing import sparsity_of
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PRUNINGS = {
@@ -146,7 +145,7 @@ def main() -> None:
         for heal in heals.split(","):
             print(f"== {pruning} / {heal}", flush=True)
             lm = copy.deepcopy(pruned)
-            before = sparsity_of(lm)
+            before = overall_sparsity(lm.adapter)
             row = {"pruned": pruning, "heal": heal, "sparsity_before": before}
             options = HEALS[heal]
             stage = {}
@@ -167,7 +166,7 @@ def main() -> None:
                 stage["peak_rss_mb"] = round(cell_peak_rss_mb(), 1)
                 stage["heal_s"] = time.perf_counter() - start
             row |= {
-                "sparsity_after": sparsity_of(lm),
+                "sparsity_after": overall_sparsity(lm.adapter),
                 "parameters": count_parameters(lm.model),
                 "trainable": stage.get("trainable_parameters", 0),
                 "seconds_per_step": stage.get("seconds_per_step"),

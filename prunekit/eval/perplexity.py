@@ -52,6 +52,11 @@ def window_nll(
     return total, count
 
 
+def next_token_loss(logits: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of logits [B, L, V] on the next tokens of batch [B, L]."""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten())
+
+
 def mean_nll(model: nn.Module, windows: torch.Tensor, batch_size: int = 1) -> float:
     """Mean next-token NLL (nats per token) over `windows` [n, L], without a progress bar."""
     total, count = window_nll(model, windows, batch_size, progress=False)

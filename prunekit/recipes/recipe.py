@@ -27,10 +27,9 @@ from prunekit import api
 from prunekit.bench.memory import cell_peak_rss_mb, reset_peak_rss
 from prunekit.errors import PrunekitError
 from prunekit.export.folder import check_output_dir, read_record, save_pruned
-from prunekit.export.record import count_parameters
+from prunekit.export.record import count_parameters, overall_sparsity
 from prunekit.models.loading import LoadedModel, load_model, load_pruned
 from prunekit.recovery import heal_model, make_config
-from prunekit.recovery.healing import sparsity_of
 
 PRUNE_FIELDS = {
     "sparsity": (float, int),
@@ -190,7 +189,7 @@ def _run_stage(
         "seconds": round(time.perf_counter() - began, 2),
         "peak_rss_mb": round(cell_peak_rss_mb(), 1),
         "parameters_after": count_parameters(lm.model),
-        "sparsity_after": round(sparsity_of(lm), 6),
+        "sparsity_after": round(overall_sparsity(lm.adapter), 6),
         "facts": facts,
     }
     return lm, {**record, "stages": [*record["stages"], entry]}

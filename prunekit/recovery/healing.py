@@ -30,9 +30,9 @@ from prunekit import settings
 from prunekit.data import calibration_windows, load_text
 from prunekit.engine.training import TrainSettings, train
 from prunekit.errors import PrunekitError, choice_error
-from prunekit.eval.perplexity import mean_nll
+from prunekit.eval.perplexity import mean_nll, next_token_loss
 from prunekit.export.folder import RECORD_FILE, check_output_dir, read_record, save_pruned
-from prunekit.export.record import count_parameters, linear_zeros, peak_rss_mb
+from prunekit.export.record import count_parameters, overall_sparsity, peak_rss_mb
 from prunekit.models.adapter import weight_matrix
 from prunekit.models.loading import LoadedModel, load_model, load_pruned
 from prunekit.recovery.lora import (
@@ -153,17 +153,6 @@ def build_mixture(lm: LoadedModel, config: HealConfig) -> DynamicMixture:
     )
 
 
-def sparsity_of(lm: LoadedModel) -> float:
-    """Share of zero weights over the prunable linears."""
-    counts = linear_zeros(lm.adapter).values()
-    return sum(z for z, _ in counts) / max(sum(n for _, n in counts), 1)
-
-
-def next_token_loss(logits: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of logits [B, L, V] on the next tokens of batch [B, L]."""
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten())
-
-
 def _trainable(lm: LoadedModel, config: HealConfig) -> tuple[dict, nn.Module, list, dict]:
     """(parameters to train, module to run, LoRA-bearing linears, zero masks to hold)."""
     adapter, model = lm.adapter, lm.model
@@ -205,7 +194,7 @@ def heal_model(
     began = time.perf_counter()
     mixture = build_mixture(lm, config) if len(config.sources) > 1 else None
     batches = training_batches(lm, config) if mixture is None else []
-    sparsity_before = sparsity_of(lm)
+    sparsity_before = overall_sparsity(lm.adapter)
     for param in lm.model.parameters():
         param.requires_grad_(False)
     teacher_cache, student_blocks, teacher_of = None, [], {}
@@ -294,7 +283,7 @@ def heal_model(
         "trainable_parameters": sum(p.numel() for p in params.values()),
         "parameters_after": count_parameters(lm.model),
         "sparsity_before": round(sparsity_before, 6),
-        "sparsity_after": round(sparsity_of(lm), 6) if peft_model is None else None,
+        "sparsity_after": round(overall_sparsity(lm.adapter), 6) if peft_model is None else None,
         "first_loss": round(losses[0], 6) if stats["resumed_from"] == 0 else None,
         "final_loss": round(sum(tail) / len(tail), 6),
         "resumed_from_step": stats["resumed_from"],

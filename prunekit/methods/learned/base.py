@@ -19,6 +19,7 @@ from torch import nn
 
 from prunekit.engine.training import TrainSettings, train
 from prunekit.errors import PrunekitError
+from prunekit.eval.perplexity import next_token_loss
 from prunekit.methods.base import Method, MethodConfig, PruneRequest
 from prunekit.methods.learned.hard_concrete import KINDS, ModelGates
 from prunekit.models.loading import LoadedModel
@@ -86,12 +87,6 @@ def cut(lm: LoadedModel, masks: dict) -> None:
     dropped = [i for i, keep in enumerate(masks["layers"]) if not keep]
     if dropped:
         remove_blocks(adapter, dropped)
-
-
-def next_token_loss(logits: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
-    return torch.nn.functional.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten()
-    )
 
 
 class LearnedMaskMethod(Method):

@@ -19,12 +19,12 @@ import torch
 from torch import nn
 
 from prunekit.errors import PrunekitError
+from prunekit.eval.perplexity import next_token_loss
 from prunekit.methods.base import register
 from prunekit.methods.learned.base import (
     LearnedConfig,
     LearnedMaskMethod,
     goal,
-    next_token_loss,
 )
 from prunekit.methods.learned.hard_concrete import ModelGates
 from prunekit.models.loading import LoadedModel
