@@ -431,9 +431,9 @@ def speed(
         raise PrunekitError("--engine llamacpp times batch 1 only; valid: --batch 1")
     _check_json_path(json_path)
     _set_threads(threads)
-    models = {"model": _load_any(model)}
+    models = {"model": api.load_model(model)}
     if baseline is not None:
-        models["baseline"] = _load_any(baseline)
+        models["baseline"] = api.load_model(baseline)
     api.check_seqlen(models["model"], prefill + decode, "--prefill + --decode")
     prompt = prompt_ids(models["model"].tokenizer, prefill)
     if engine == "llamacpp":
@@ -529,16 +529,6 @@ def _positive_ints(text: str, flag: str) -> list[int]:
     return values
 
 
-def _load_any(source: str):
-    """A prunekit folder through load_pruned, anything else through load_model."""
-    from prunekit import api
-    from prunekit.export.folder import RECORD_FILE
-
-    if (Path(source) / RECORD_FILE).is_file():
-        return api.load_pruned(source)
-    return api.load_model(source)
-
-
 def torch_threads() -> int:
     import torch
 
@@ -553,6 +543,7 @@ def export(
     overwrite: bool = typer.Option(False, help="replace an existing file"),
 ) -> None:
     """Export a depth-pruned or uniform-width Llama model as GGUF for llama.cpp."""
+    from prunekit import api
     from prunekit.export.gguf import QUANTS, export_gguf
 
     if quant not in QUANTS:
@@ -561,7 +552,7 @@ def export(
         raise PrunekitError(f"{gguf} exists; pass --overwrite to replace it")
     if not gguf.parent.is_dir():
         raise PrunekitError(f"folder {gguf.parent} does not exist")
-    path = export_gguf(_load_any(model), gguf, quant)
+    path = export_gguf(api.load_model(model), gguf, quant)
     typer.echo(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB, {quant})")
 
 

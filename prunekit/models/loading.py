@@ -195,8 +195,8 @@ def load_model(
     `offload="disk"` keeps the decoder blocks on disk (`models/offload.py`): the engine
     reads each when it reaches it and writes it, pruned, to `staging` (default: a new
     folder under the cache dir), from which `save` assembles the output folder.
-    A folder written by prunekit with per-layer widths or sliced by SliceGPT is handed
-    to `load_pruned`.
+    A folder written by prunekit with per-layer widths, sliced by SliceGPT or holding
+    sparse-bitmask weights is handed to `load_pruned`.
     """
     if not isinstance(source, (str, Path)):
         raise PrunekitError(f"model must be a folder, hub id, .gguf path or alias, got {source!r}")
@@ -208,7 +208,7 @@ def load_model(
         return _load_offloaded(str(source), dtype, staging)
     try:
         where, extra = _resolve(str(source))
-        if is_per_layer_folder(where) or is_sliced_folder(where):
+        if is_per_layer_folder(where) or is_sliced_folder(where) or is_compressed_folder(where):
             return load_pruned(where, dtype=dtype, device=device)
         if "gguf_file" not in extra:
             family_of(_read_model_type(where, extra))  # fails early, naming supported ones

@@ -34,7 +34,7 @@ from prunekit.eval.perplexity import mean_nll, next_token_loss
 from prunekit.export.folder import RECORD_FILE, check_output_dir, read_record, save_pruned
 from prunekit.export.record import count_parameters, overall_sparsity, peak_rss_mb
 from prunekit.models.adapter import weight_matrix
-from prunekit.models.loading import LoadedModel, load_model, load_pruned
+from prunekit.models.loading import LoadedModel, load_model
 from prunekit.recovery.lora import (
     add_masked_lora,
     add_peft_lora,
@@ -336,7 +336,7 @@ def heal(
     )
     if config.method == "distill" and config.teacher is None:
         config.teacher = record["source_model"]
-    lm = (load_pruned if "layout" in record else load_model)(str(model_dir), dtype="float32")
+    lm = load_model(str(model_dir), dtype="float32")
     details = record.get("details") or {}
     depth = None
     if "kept_blocks" in details:
