@@ -289,7 +289,10 @@ def main() -> None:
     )
     if args.part == "ppl":
         limit = f"first {args.eval_limit}" if args.eval_limit else "all"
-        protocol += f"; WikiText-2 test, {limit} windows of {args.eval_seqlen} tokens"
+        protocol += (
+            f"; WikiText-2 test (tokenized wiki.test.tokens), {limit} windows of "
+            f"{args.eval_seqlen} tokens, reference protocol (no BOS per window)"
+        )
     result.update(
         command="python benchmarks/weight_update.py " + " ".join(command),
         protocol=protocol,
