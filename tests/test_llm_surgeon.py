@@ -180,3 +180,75 @@ def test_shots_reach_the_target_exactly(stories, windows):
     zeros = sum(int((w == 0).sum()) for w in weights)
     assert zeros == round(0.6 * sum(w.numel() for w in weights))
     assert len(facts["llm_surgeon"]["calibration_loss"]) == 3
+
+
+def reference_structured_shot(model, factors, sparsity):
+    """One structured shot of the reference (`--structures row column`, krank 1,
+    max_correlate 0, addupdate, damp_g = damp_a = 0.01)."""
+    state = {}
+    for key, mod in linears(model).items():
+        W = mod.weight.data.float().clone()
+        A, G = factors[key]
+        dead_cols = (~W.any(0)) | (A.diag() == 0)
+        dead_rows = (~W.any(1)) | (G.diag() == 0)
+        assert not dead_rows.any() and not dead_cols.any()  # keeps this reference short
+        Ginv, Ainv = ref_inv(G, 0.01), ref_inv(A, 0.01)
+        row = 0.5 * torch.sum((W @ A) * W, 1) / Ginv.diag()
+        col = 0.5 * torch.sum((G @ W) * W, 0) / Ainv.diag()
+        state[key] = (W, Ginv, Ainv, row, col)
+    # structured_threshold: per-layer cumulative removed weights, merged by cummax
+    layer_losses, layer_values = [], []
+    for W, _, _, row, col in state.values():
+        losses = torch.cat([row, col])
+        rl = torch.zeros(len(losses))
+        rl[: len(row)] = 1
+        srt, idx = torch.sort(losses)
+        rc, cc = torch.cumsum(rl[idx], 0), torch.cumsum(1 - rl[idx], 0)
+        layer_losses.append(srt)
+        layer_values.append(rc * W.shape[1] + cc * W.shape[0] - rc * cc)
+    every = torch.cat(layer_losses)
+    placed, count = [], 0
+    for v in layer_values:
+        aug = torch.zeros_like(every)
+        aug[count : count + len(v)] = v
+        placed.append(aug)
+        count += len(v)
+    every, idx = torch.sort(every)
+    final = sum(torch.cummax(x[idx], 0)[0] for x in placed)
+    target_i = torch.where(final <= int(sparsity * final[-1]))[0].max()
+    thr = every[target_i]
+    out = {}
+    for key, (W, Ginv, Ainv, row, col) in state.items():
+        r_idx, c_idx = torch.where(row <= thr)[0], torch.where(col <= thr)[0]
+        errs = torch.zeros_like(W)
+        if len(r_idx):
+            EQw = W[r_idx] + errs[r_idx]
+            upd = -Ginv[:, r_idx] @ torch.linalg.solve(Ginv[r_idx][:, r_idx], EQw)
+            upd[r_idx] = -W[r_idx]
+            errs += upd
+        if len(c_idx):
+            EQw = W[:, c_idx] + errs[:, c_idx]
+            upd = -EQw @ torch.linalg.inv(Ainv[c_idx][:, c_idx]) @ Ainv[c_idx]
+            upd[:, c_idx] = -W[:, c_idx]
+            errs += upd
+        W = W + errs
+        W[r_idx] = 0
+        W[:, c_idx] = 0
+        out[key] = W
+    return out
+
+
+def test_rows_columns_shot_matches_reference(stories, windows):
+    factors = reference_factors(stories.model, windows)
+    expected = reference_structured_shot(stories.model, factors, 0.3)
+    config = get_method("llm_surgeon").Config(shots=1, structure="rows_columns")
+    assert config.damp_g == 0.01
+    get_method("llm_surgeon")(config).run(stories, windows, PruneRequest(sparsity=0.3))
+    removed = total = 0
+    for key, mod in linears(stories.model).items():
+        w = mod.weight.data
+        assert torch.equal(w == 0, expected[key] == 0), key
+        torch.testing.assert_close(w, expected[key], rtol=1e-3, atol=2e-4)
+        removed += int((w == 0).sum())
+        total += w.numel()
+    assert 0.25 < removed / total <= 0.3
