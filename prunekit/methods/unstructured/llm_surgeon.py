@@ -154,9 +154,13 @@ def obs_update(
         local_r, cols = removed[rows].nonzero(as_tuple=True)
         r = rows[local_r]
         values = w[r, cols] + errors[r, cols] if config.add_update else w[r, cols]
-        joint = g_inv[r][:, r] * a_inv[cols][:, cols]
+        # [G⁻¹ ⊗ A⁻¹]_QQ, symmetric positive definite (a Hadamard product of SPD blocks)
+        counts = torch.bincount(local_r, minlength=len(rows))
+        g_part = g_inv[rows][:, rows].repeat_interleave(counts, 0).repeat_interleave(counts, 1)
+        joint = g_part * a_inv.index_select(0, cols).index_select(1, cols)
+        step = torch.cholesky_solve(values.unsqueeze(1), torch.linalg.cholesky(joint))
         solved = torch.zeros(len(rows), w.shape[1], dtype=w.dtype, device=w.device)
-        solved[local_r, cols] = torch.linalg.solve(joint, values)
+        solved[local_r, cols] = step.squeeze(1)
         errors -= g_inv[:, rows] @ (solved @ a_inv)
     w += errors
     w[removed] = 0
