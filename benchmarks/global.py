@@ -1,5 +1,5 @@
-"""Global and search-based pruning on SmolLM2-135M: LLM Surgeon and the accuracy-predictor
-allocation next to SparseGPT and Wanda with OWL, at 50/60/70% unstructured and 2:4.
+"""Global and search-based pruning on SmolLM2-135M: LLM Surgeon, SparseLLM (AdaGP) and the
+accuracy-predictor allocation next to SparseGPT and Wanda with OWL, at 50/60/70% and 2:4.
 
 Every row prunes a fresh copy from the same WikiText-2 calibration windows and is scored
 on WikiText-2 and PTB (test splits, reference protocol: no BOS per window), with its
@@ -24,6 +24,7 @@ ROWS = {  # label: (method, allocation, options)
     "wanda+owl": ("wanda", "owl", {}),
     "wanda+predictor": ("wanda", "predictor", {}),
     "llm_surgeon": ("llm_surgeon", "uniform", {}),
+    "sparsellm": ("sparsellm", "uniform", {}),
 }
 
 
