@@ -123,6 +123,7 @@ def layer_part(args: argparse.Namespace) -> dict:
 def ppl_part(args: argparse.Namespace) -> dict:
     """WikiText-2 perplexity of dense and each method at one pattern."""
     import prunekit
+    from prunekit.methods import get_method
 
     rows = []
     if args.dense:
@@ -133,7 +134,7 @@ def ppl_part(args: argparse.Namespace) -> dict:
         print(json.dumps(rows[-1]), flush=True)
     for spec in args.methods:
         name, _, update = spec.partition("+")
-        if args.pattern != "unstructured" and not prunekit.methods.get_method(name).supports_nm:
+        if args.pattern != "unstructured" and not get_method(name).supports_nm:
             continue
         lm = prunekit.load_model(args.model)
         options = method_options(name, args)
