@@ -211,3 +211,44 @@ def test_merging_folds_removed_experts_into_the_most_similar_by_routing_mass():
     details = ExpertPrune(ExpertConfig(merge=True)).run(lm2, calib, request)
     assert set(details["merged_into"]["0"]) == set(details["removed_experts"]["0"])
     assert lm2.model.config.num_experts == 4
+
+
+def test_expert_sparsegpt_equals_sparsegpt_on_each_experts_routed_tokens():
+    import torch.nn.functional as F
+    from test_reference_unstructured import ref_sparsegpt
+
+    from prunekit.methods.experts.expert_sparsegpt import ExpertSparseGPT
+    from prunekit.surgery.masks import Pattern, is_valid_nm
+
+    lm = _tiny("mixtral", seed=4)
+    dense = _tiny("mixtral", seed=4)
+    calib = torch.randint(2, 128, (4, 16), generator=torch.Generator().manual_seed(1))
+    handles = [_mask_router(lm.adapter.moe(b), [5], True) for b in lm.adapter.blocks]
+    ref_handles = [_mask_router(dense.adapter.moe(b), [5], True) for b in dense.adapter.blocks]
+    captured = []
+    dense.adapter.moe(dense.adapter.blocks[0]).experts.register_forward_pre_hook(
+        lambda m, a: captured.append((a[0].detach(), a[1].detach()))
+    )
+    with torch.no_grad():
+        dense.model(calib)
+    request = PruneRequest(sparsity=0.5, pattern=Pattern(2, 4), batch_size=2, seed=0)
+    details = ExpertSparseGPT().run(lm, calib, request)
+    for handle in handles + ref_handles:
+        handle.remove()
+    assert details["experts_no_calibration_token_reached"] == {"0": [5], "1": [5]}
+    experts = lm.adapter.moe(lm.adapter.blocks[0]).experts
+    original = dense.adapter.moe(dense.adapter.blocks[0]).experts
+    assert torch.equal(experts.down_proj[5], original.down_proj[5])  # left dense
+    x, index = captured[0]
+    for e in range(5):
+        inputs = x[torch.where(index == e)[0]].float()
+        gate, up = F.linear(inputs, original.gate_up_proj[e].detach()).chunk(2, dim=-1)
+        hidden = original.act_fn(gate) * up
+        for got, w, xs in (
+            (experts.gate_up_proj[e], original.gate_up_proj[e], inputs),
+            (experts.down_proj[e], original.down_proj[e], hidden),
+        ):
+            ref = ref_sparsegpt(w.detach(), xs, 0.5, prunen=2, prunem=4)
+            assert torch.equal(got != 0, ref != 0), e
+            torch.testing.assert_close(got.detach(), ref, rtol=1e-3, atol=1e-4)
+            assert is_valid_nm(got, 2, 4)

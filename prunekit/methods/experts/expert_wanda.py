@@ -12,11 +12,11 @@ user's back. Attention linears are not touched: run a mask method before it (a r
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from prunekit.methods.base import Method, PruneRequest, register
 from prunekit.methods.experts.expert_prune import routed_pass
+from prunekit.methods.experts.routed import routed_inputs
 from prunekit.models.loading import LoadedModel
 from prunekit.surgery.experts import expert_count
 from prunekit.surgery.masks import make_mask
@@ -36,15 +36,10 @@ class RoutedNorms:
 
     @torch.no_grad()
     def hook(self, experts: nn.Module, args: tuple) -> None:
-        x, index = args[0], args[1]
-        for e in index.unique().tolist():
-            tokens, _ = torch.where(index == e)
-            inputs = x[tokens].float()
-            gate, up = F.linear(inputs, experts.gate_up_proj[e].float()).chunk(2, dim=-1)
-            hidden = experts.act_fn(gate) * up
+        for e, inputs, hidden in routed_inputs(experts, args):
             self.x[e] += inputs.double().pow(2).sum(0)
             self.h[e] += hidden.double().pow(2).sum(0)
-            self.count[e] += tokens.numel()
+            self.count[e] += inputs.shape[0]
 
 
 @register
