@@ -39,7 +39,7 @@ LLAMA7B = {
 }
 
 
-def one_run(method: str, offload: str, threads: int, work: Path) -> dict:
+def one_run(method: str, offload: str, threads: int, work: Path, batch_size: int) -> dict:
     """In a subprocess: prune SmolLM2-135M, save, report memory and time (one JSON line)."""
     import torch
 
@@ -54,12 +54,14 @@ def one_run(method: str, offload: str, threads: int, work: Path) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     lm = prunekit.load_model("smollm2-135m", offload=offload, staging=work / f"staging-{offload}")
     record = prunekit.prune(
-        lm, method, sparsity=0.5, calib="wikitext2", nsamples=64, seqlen=512, seed=0
-    )
+        lm, method, sparsity=0.5, calib="wikitext2", nsamples=64, seqlen=512, seed=0,
+        batch_size=batch_size,
+    )  # fmt: skip
     prunekit.save(lm, out, record)
     return {
         "method": method,
         "offload": offload,
+        "batch_size": batch_size,
         "wall_s": time.perf_counter() - start,
         "import_rss_mb": baseline,
         "peak_rss_mb": peak_rss_mb(),
@@ -67,20 +69,34 @@ def one_run(method: str, offload: str, threads: int, work: Path) -> dict:
     }
 
 
-def small(threads: int, work: Path) -> list[dict]:
+def warm_token_cache() -> None:
+    """Tokenize the calibration text once, so every measured run reads the cached ids."""
+    import prunekit
+    from prunekit.data import calibration_windows, load_text
+
+    lm = prunekit.load_model("smollm2-135m")
+    calibration_windows(lm.tokenizer, load_text("wikitext2", purpose="calib").text, 1, 512, 0)
+
+
+def small(threads: int, work: Path, batch_sizes: list[int]) -> list[dict]:
+    warm_token_cache()
     rows = []
-    for method in ("wanda", "sparsegpt"):
-        for offload in ("none", "disk"):
-            cmd = [sys.executable, __file__, "--one", method, offload, "--threads", str(threads)]
-            cmd += ["--work", str(work)]
-            done = subprocess.run(cmd, check=True, capture_output=True, text=True)
-            row = json.loads(done.stdout.strip().splitlines()[-1])
-            row["over_imports_mb"] = row["peak_rss_mb"] - row["import_rss_mb"]
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-    for method in ("wanda", "sparsegpt"):
-        mem, disk = (next(r for r in rows if r["method"] == method and r["offload"] == o)
-                     for o in ("none", "disk"))  # fmt: skip
+    for batch in batch_sizes:
+        for method in ("wanda", "sparsegpt"):
+            for offload in ("none", "disk"):
+                cmd = [sys.executable, __file__, "--one", method, offload]
+                cmd += ["--threads", str(threads), "--work", str(work), "--batch-size", str(batch)]
+                done = subprocess.run(cmd, check=True, capture_output=True, text=True)
+                row = json.loads(done.stdout.strip().splitlines()[-1])
+                row["over_imports_mb"] = row["peak_rss_mb"] - row["import_rss_mb"]
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    for disk in (r for r in rows if r["offload"] == "disk"):
+        mem = next(
+            r for r in rows
+            if (r["method"], r["batch_size"], r["offload"])
+            == (disk["method"], disk["batch_size"], "none")
+        )  # fmt: skip
         disk["rss_ratio"] = disk["peak_rss_mb"] / mem["peak_rss_mb"]
         disk["over_imports_ratio"] = disk["over_imports_mb"] / mem["over_imports_mb"]
     return rows
@@ -200,22 +216,26 @@ def check_load(folder: Path) -> dict:
 def markdown(result: dict) -> str:
     """The tables of `memory.json`."""
     lines = [
-        "Commands: `python benchmarks/memory.py --part small` (SmolLM2-135M) and "
-        f"`--part large` (the 7B shape); {result.get('threads')} threads; wall times of the "
-        "SmolLM2 runs were taken while other jobs shared the 2 cores.",
+        "Commands: `python benchmarks/memory.py --part small --batch-sizes 8,1` (SmolLM2-135M) "
+        f"and `--part large` (the 7B shape); {result.get('threads')} threads; the SmolLM2 "
+        "wall times were taken while another benchmark shared the 2 cores.",
         "",
     ]
     if "smollm2" in result:
         lines += [
-            "SmolLM2-135M, 50%, 64 x 512 WikiText-2 calibration windows, a fresh process per run:",
+            "SmolLM2-135M, 50%, 64 x 512 WikiText-2 calibration windows (token ids read from "
+            "the token cache), a fresh process per run; 'batch' is the engine's windows per "
+            "forward; 'x in memory' compares the memory over imports:",
             "",
-            "| method | blocks | peak RSS (MiB) | over imports (MiB) | x in memory | wall (s) |",
-            "|---|---|---|---|---|---|",
+            "| method | batch | blocks | peak RSS (MiB) | over imports (MiB) | x in memory "
+            "| wall (s) |",
+            "|---|---|---|---|---|---|---|",
         ]
         for r in result["smollm2"]:
             ratio = f"{r['over_imports_ratio']:.2f}" if "over_imports_ratio" in r else "-"
             lines.append(
-                f"| {r['method']} | {'on disk' if r['offload'] == 'disk' else 'in memory'} | "
+                f"| {r['method']} | {r.get('batch_size', 8)} | "
+                f"{'on disk' if r['offload'] == 'disk' else 'in memory'} | "
                 f"{r['peak_rss_mb']:.0f} | {r['over_imports_mb']:.0f} | {ratio} | "
                 f"{r['wall_s']:.0f} |"
             )
@@ -239,6 +259,8 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=ROOT / "out" / "memory")
     parser.add_argument("--max-memory", default="4GiB")
     parser.add_argument("--one", nargs=2, metavar=("METHOD", "OFFLOAD"))
+    parser.add_argument("--batch-size", type=int, default=8, help="with --one")
+    parser.add_argument("--batch-sizes", default="8,1", help="engine batch sizes (small)")
     parser.add_argument("--check-load", type=Path)
     parser.add_argument("--markdown-only", action="store_true", help="rewrite memory.md")
     args = parser.parse_args()
@@ -247,7 +269,7 @@ def main() -> None:
         (RESULTS / "memory.md").write_text(markdown(json.loads(path.read_text())))
         return
     if args.one:
-        print(json.dumps(one_run(*args.one, args.threads, args.work)))
+        print(json.dumps(one_run(*args.one, args.threads, args.work, args.batch_size)))
         return
     if args.check_load:
         print(json.dumps(check_load(args.check_load)))
@@ -258,7 +280,8 @@ def main() -> None:
     if path.is_file():  # keep the other part's latest figures
         result = {**json.loads(path.read_text()), **result}
     if args.part in ("small", "both"):
-        result["smollm2"] = small(args.threads, args.work)
+        sizes = [int(b) for b in args.batch_sizes.split(",")]
+        result["smollm2"] = small(args.threads, args.work, sizes)
     if args.part in ("large", "both"):
         result["llama7b_shape"] = large(args.threads, args.work, args.max_memory)
         print(json.dumps(result["llama7b_shape"]), flush=True)

@@ -85,3 +85,22 @@ def test_default_protocol_equals_gptq_on_smollm2():
     reference = gptq_perplexity(lm.model, lm.tokenizer, text, 256, limit=3)
     result = prunekit.evaluate(lm, ["wikitext2"], seqlen=256, limit=3)["wikitext2"]
     assert result["perplexity"] == pytest.approx(reference, rel=1e-5)
+
+
+def test_long_texts_keep_their_token_ids_on_disk(stories, tmp_path, monkeypatch):
+    from prunekit.data import load_text
+    from prunekit.data.windows import tokenize
+
+    monkeypatch.setenv("PRUNEKIT_CACHE_DIR", str(tmp_path))
+    text = load_text("tinyshakespeare", purpose="calib").text
+    assert len(text) >= 1_000_000
+    direct = stories.tokenizer(text, add_special_tokens=False)["input_ids"]
+    first = tokenize(stories.tokenizer, text)
+    (cached,) = (tmp_path / "tokens").glob("*.pt")
+    assert first.tolist() == direct
+    second = tokenize(stories.tokenizer, text)
+    assert second.dtype == torch.long and torch.equal(first, second)
+    torch.save(torch.zeros(3, dtype=torch.int32), cached)
+    assert tokenize(stories.tokenizer, text).tolist() == [0, 0, 0]  # proof it is read
+    assert tokenize(stories.tokenizer, text[:1000]).numel() > 3  # short texts: no cache
+    assert len(list((tmp_path / "tokens").glob("*.pt"))) == 1

@@ -10,12 +10,18 @@ Two protocols (`PROTOCOLS`):
 
 from __future__ import annotations
 
+import hashlib
+import os
+from pathlib import Path
+
 import torch
 from transformers import PreTrainedTokenizerBase
 
 from prunekit.errors import PrunekitError, choice_error
+from prunekit.settings import cache_dir
 
 PROTOCOLS = ("reference", "bos")
+CACHE_MIN_CHARS = 1_000_000  # texts at least this long keep their token ids on disk
 
 
 def check_protocol(protocol: str) -> str:
@@ -25,9 +31,35 @@ def check_protocol(protocol: str) -> str:
 
 
 def tokenize(tokenizer: PreTrainedTokenizerBase, text: str) -> torch.Tensor:
-    """The whole text as one 1-D LongTensor of token ids, without special tokens."""
+    """The whole text as one 1-D LongTensor of token ids, without special tokens.
+
+    Long texts (calibration and test splits) are tokenized once per tokenizer and text:
+    the ids are kept as int32 in `<cache>/tokens/`, keyed by the SHA-256 of the text and
+    of the tokenizer's definition, so later runs skip the tokenizer (and its transient
+    memory, ~60 bytes per token) and read 4 bytes per token.
+    """
+    path = _token_cache(tokenizer, text)
+    if path is not None and path.is_file():
+        return torch.load(path, weights_only=True).long()
     ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
-    return torch.tensor(ids, dtype=torch.long)
+    ids = torch.tensor(ids, dtype=torch.int32)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        torch.save(ids, partial)
+        partial.replace(path)
+    return ids.long()
+
+
+def _token_cache(tokenizer: PreTrainedTokenizerBase, text: str) -> Path | None:
+    """Where the ids of `text` under `tokenizer` are cached, or None (short text, or a
+    tokenizer without a serialisable definition)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if len(text) < CACHE_MIN_CHARS or backend is None:
+        return None
+    digest = hashlib.sha256(backend.to_str().encode())
+    digest.update(text.encode())
+    return cache_dir() / "tokens" / f"{digest.hexdigest()[:32]}.pt"
 
 
 def _prefix(tokenizer: PreTrainedTokenizerBase, body: torch.Tensor, protocol: str) -> torch.Tensor:

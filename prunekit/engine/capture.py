@@ -76,7 +76,8 @@ def capture_inputs(
     """
     model, blocks = adapter.model, adapter.blocks
     device = next(model.parameters()).device
-    hidden: list[torch.Tensor] = []
+    hidden: list[torch.Tensor] = []  # one buffer [n, L, H], filled batch by batch
+    filled = [0]
     calls: dict[int, list[BlockCall]] = {}
     recording: list[BlockCall] | None = None
     handles = []
@@ -85,7 +86,11 @@ def capture_inputs(
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
             h, rest, kw = _split_hidden(args, kwargs)
             if index == 0:
-                hidden.append(h.detach().to(store_device))
+                if not hidden:
+                    shape = (windows.shape[0], *h.shape[1:])
+                    hidden.append(torch.empty(shape, dtype=h.dtype, device=store_device))
+                hidden[0][filled[0] : filled[0] + h.shape[0]] = h.detach()
+                filled[0] += h.shape[0]
             if recording is not None:
                 recording.append(BlockCall(rest, _strip_cache(kw)))
             if index == len(blocks) - 1:
@@ -109,4 +114,4 @@ def capture_inputs(
             handle.remove()
         for block in blocks:
             block.__dict__.pop("forward", None)
-    return CapturedInputs(torch.cat(hidden), calls)
+    return CapturedInputs(hidden[0], calls)
