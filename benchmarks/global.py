@@ -3,8 +3,8 @@ accuracy-predictor allocation next to SparseGPT and Wanda with OWL, at 50/60/70%
 
 Every row prunes a fresh copy from the same WikiText-2 calibration windows and is scored
 on WikiText-2 and PTB (test splits, reference protocol: no BOS per window), with its
-pruning wall time. Rows are appended to the JSON as they finish (a stopped run keeps
-them); `--report` rewrites the markdown from the JSON.
+pruning wall time. Rows are merged into the JSON as they finish (a rerun of a row
+replaces it; a stopped run keeps the finished ones); `--report` rewrites the markdown.
 
     python benchmarks/global.py --sparsities 0.5 --eval-limit 16 \
         --surgeon-options shots=4,max_correlate=1
@@ -87,7 +87,7 @@ def markdown(report: dict) -> str:
     lines = [
         "# Global and search-based pruning (SmolLM2-135M)",
         "",
-        f"`{report['command']}`",
+        *[f"- `{c}`" for c in report["commands"]],
         "",
         f"{report['protocol']}",
         "",
@@ -97,7 +97,10 @@ def markdown(report: dict) -> str:
     dense = report.get("dense")
     if dense:
         lines.append(f"| dense | - | 0 | {dense['wikitext2']:.2f} | {dense['ptb']:.2f} | - |")
-    for r in report["rows"]:
+    order = {label: i for i, label in enumerate(ROWS)}
+    targets = ["0.5", "0.6", "0.7", "2:4"]
+    rows = sorted(report["rows"], key=lambda r: (targets.index(r["target"]), order[r["row"]]))
+    for r in rows:
         label = r["row"] + (f" ({_short(r['options'])})" if r["options"] else "")
         lines.append(
             f"| {label} | {r['target']} | {r['sparsity']:.3f} | {r['wikitext2']:.2f} "
@@ -121,24 +124,28 @@ def main() -> None:
     import prunekit
 
     torch.set_num_threads(args.threads)
-    report = {
-        "command": "python benchmarks/global.py " + " ".join(sys.argv[1:]),
-        "protocol": (
-            f"{args.model}; {args.nsamples} calibration windows x {args.seqlen} tokens of "
-            f"WikiText-2 (tokenized wiki.train.tokens), seed 0; WikiText-2 and PTB test, "
-            f"first {args.eval_limit} windows of {args.eval_seqlen} tokens, reference "
-            f"protocol (no BOS per window); {args.threads} threads"
-        ),
-        "rows": [],
-    }
-    lm = prunekit.load_model(args.model)
-    scores = prunekit.evaluate(lm, ["wikitext2", "ptb"], args.eval_seqlen, args.eval_limit)
-    report["dense"] = {k: v["perplexity"] for k, v in scores.items()}
-    del lm
+    command = "python benchmarks/global.py " + " ".join(sys.argv[1:])
+    report = json.loads(path.read_text()) if path.is_file() else {"commands": [], "rows": []}
+    report["commands"] = [*[c for c in report["commands"] if c != command], command]
+    report["protocol"] = (
+        f"{args.model}; {args.nsamples} calibration windows x {args.seqlen} tokens of "
+        f"WikiText-2 (tokenized wiki.train.tokens), seed 0; WikiText-2 and PTB test, "
+        f"first {args.eval_limit} windows of {args.eval_seqlen} tokens, reference "
+        f"protocol (no BOS per window); {args.threads} thread(s) per run"
+    )
+    if "dense" not in report:
+        lm = prunekit.load_model(args.model)
+        scores = prunekit.evaluate(lm, ["wikitext2", "ptb"], args.eval_seqlen, args.eval_limit)
+        report["dense"] = {k: v["perplexity"] for k, v in scores.items()}
+        del lm
     for target in args.sparsities.split(","):
         for label in args.rows.split(","):
             row = run_row(args, label, target)
             print(json.dumps(row), flush=True)
+            same = (row["row"], row["target"], row["options"])
+            report["rows"] = [
+                r for r in report["rows"] if (r["row"], r["target"], r["options"]) != same
+            ]
             report["rows"].append(row)
             RESULTS.mkdir(exist_ok=True)
             path.write_text(json.dumps(report, indent=2) + "\n")
