@@ -106,3 +106,35 @@ def test_a_rank_dying_mid_run_stops_the_job_and_writes_nothing(tmp_path):
     assert "a process of the distributed job ended" in said or "exitcode  : 1" in said, said[-2000:]
     assert not (tmp_path / "out").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+def test_solves_are_shared_out_by_cost():
+    owner = distributed.assign_by_cost({"a": 9.0, "b": 5.0, "c": 4.0, "d": 1.0}, 2)
+    assert owner == {"a": 0, "b": 1, "c": 1, "d": 0}  # loads 10 and 9
+    assert distributed.assign_by_cost({"x": 1.0}, 3) == {"x": 0}
+
+
+def _facts(tmp_path) -> list[dict]:
+    import json
+
+    return [json.loads((tmp_path / d / "prunekit.json").read_text()) for d in ("one", "two")]
+
+
+def test_two_processes_share_the_update_solves(tmp_path):
+    """Wanda's masks with the ADMM update: each linear's solve runs on one rank and is
+    broadcast; same masks as one process, weights to float tolerance, and the record
+    counts every linear's update."""
+    one, two = _both(tmp_path, "wanda", "--update", "admm")
+    for name, tensor in one.items():
+        assert torch.equal(tensor == 0, two[name] == 0), name
+        torch.testing.assert_close(two[name], tensor, rtol=1e-3, atol=1e-4)
+    layers = [f["details"]["update"]["layers"] for f in _facts(tmp_path)]
+    assert layers == [5 * 7, 5 * 7]
+
+
+def test_two_processes_gather_the_alps_facts(tmp_path):
+    """ALPS's per-linear iteration counts come back from every rank (its support search
+    is sensitive to the summation order of XᵀX, so masks are not compared here)."""
+    _both(tmp_path, "alps", "--opt", "max_iterations=6", "--opt", "min_iterations=3")
+    layers = [f["details"]["alps"]["layers"] for f in _facts(tmp_path)]
+    assert layers == [5 * 7, 5 * 7]

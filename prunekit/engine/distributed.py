@@ -4,8 +4,10 @@ With a `torch.distributed` process group, every rank runs each block on its shar
 calibration windows (`shard_windows`), and the collectors are merged across ranks before a
 method reads them (`Collector.merge_ranks`): sums of ‖X_j‖² and of XᵀX are all-reduced,
 means and variances are merged exactly (Chan et al.) in rank order. Every rank then holds
-the same statistics, computes the same masks and solves, and ends with the same model;
-rank 0 writes it. Works with gloo on CPU and NCCL on GPUs (one device per rank).
+the same statistics. Per-linear work (a mask, a SparseGPT or ADMM solve) is assigned to
+ranks by cost (`assign_by_cost`) and each result broadcast from its owner; block-level
+work runs on every rank. All ranks end with the same model; rank 0 writes it. Works with
+gloo on CPU and NCCL on GPUs (one device per rank).
 """
 
 from __future__ import annotations
@@ -86,6 +88,36 @@ def all_gather(tensor: torch.Tensor) -> list[torch.Tensor]:
         parts = [torch.empty_like(moved) for _ in range(world()[1])]
         dist.all_gather(parts, moved)
     return [p.to(tensor.device) for p in parts]
+
+
+def broadcast(tensor: torch.Tensor, src: int) -> torch.Tensor:
+    """Overwrite `tensor` on every rank with rank `src`'s values (in place)."""
+    with _collective():
+        moved = tensor.to(_group_device())
+        dist.broadcast(moved, src)
+    if moved is not tensor:
+        tensor.copy_(moved.to(tensor.device))
+    return tensor
+
+
+def gather_objects(obj: object) -> list:
+    """A picklable `obj` from every rank, in rank order."""
+    with _collective():
+        out = [None] * world()[1]
+        dist.all_gather_object(out, obj)
+    return out
+
+
+def assign_by_cost(costs: dict[str, float], ranks: int) -> dict[str, int]:
+    """Each job to a rank, largest cost first onto the least-loaded rank (LPT): the same
+    answer on every rank."""
+    load = [0.0] * ranks
+    owner = {}
+    for name in sorted(costs, key=lambda k: (-costs[k], k)):
+        rank = min(range(ranks), key=lambda r: (load[r], r))
+        owner[name] = rank
+        load[rank] += costs[name]
+    return owner
 
 
 def barrier() -> None:

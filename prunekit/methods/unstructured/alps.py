@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from prunekit.engine.distributed import gather_objects
 from prunekit.engine.runner import LayerStats
 from prunekit.errors import PrunekitError
 from prunekit.methods.base import MethodConfig, register
@@ -152,7 +153,11 @@ class Alps(LayerwiseMethod):
         set_weight_matrix(module, problem.restore(refit) * result.mask)
         self.iterations.append(result.iterations)
 
+    def merge_rank_facts(self) -> None:
+        self.iterations = [n for part in gather_objects(self.iterations) for n in part]
+
     def details(self) -> dict:
         if not self.iterations:
             return {}
-        return {"alps": {"mean_admm_iterations": sum(self.iterations) / len(self.iterations)}}
+        mean = sum(self.iterations) / len(self.iterations)
+        return {"alps": {"mean_admm_iterations": mean, "layers": len(self.iterations)}}

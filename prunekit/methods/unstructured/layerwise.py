@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 from torch import nn
 
+from prunekit.engine.distributed import assign_by_cost, broadcast, gather_objects, world
 from prunekit.engine.runner import BlockContext, LayerStats, SequentialRunner
 from prunekit.errors import PrunekitError
 from prunekit.methods.base import Method, MethodConfig, PruneRequest
@@ -75,18 +76,51 @@ class LayerwiseMethod(Method):
             writes=True,
         )
         errors: list[dict[str, float]] = []
+        # per-linear work is shared out across ranks; a block-level prune_block is not
+        split = world()[1] > 1 and type(self).prune_block is LayerwiseMethod.prune_block
         for ctx in runner:
+            target = request.target(ctx.index)
+            self.prepare_block(ctx, ctx.stats, target)
+            if split:
+                errors += self._prune_across_ranks(ctx, target)
+                continue
             linears = ctx.linears()
-            self.prepare_block(ctx, ctx.stats, request.target(ctx.index))
             dense = {p: weight_matrix(m).clone() for p, m in linears.items()} if self.update else {}
-            self.prune_block(ctx, ctx.stats, request.target(ctx.index))
+            self.prune_block(ctx, ctx.stats, target)
             for path, weight in dense.items():
                 errors.append(self.update.apply(linears[path], weight, ctx.stats[path]))
+        if split:
+            errors = [e for part in gather_objects(errors) for e in part]
+            self.merge_rank_facts()
         return {**self.details(), **self.update_facts(errors)}
+
+    def _prune_across_ranks(self, ctx: BlockContext, target: Target) -> list[dict[str, float]]:
+        """Each linear of the block pruned (and updated) by one rank, the ranks loaded by
+        the cost of a solve (out · in²), then broadcast from its owner: every rank ends
+        with the block every rank would have computed, each solve done once."""
+        rank, size = world()
+        linears = ctx.linears()
+        shapes = {p: weight_matrix(m).shape for p, m in linears.items()}
+        owner = assign_by_cost({p: float(o) * i * i for p, (o, i) in shapes.items()}, size)
+        errors = []
+        for path, module in linears.items():
+            if owner[path] != rank:
+                continue
+            dense = weight_matrix(module).clone() if self.update else None
+            self.prune_linear(module, ctx.stats.get(path, {}), target, path)
+            if dense is not None:
+                errors.append(self.update.apply(module, dense, ctx.stats[path]))
+        for path, module in linears.items():
+            broadcast(module.weight.data, owner[path])
+        return errors
 
     def details(self) -> dict:
         """Method-specific facts gathered while pruning, for the record (override)."""
         return {}
+
+    def merge_rank_facts(self) -> None:
+        """After linears were shared out across ranks, combine what each rank's
+        `prune_linear` calls gathered for `details` (override when it gathers any)."""
 
     def update_facts(self, errors: list[dict[str, float]]) -> dict:
         """What the update did, for the record: mean relative layer errors before/after."""
