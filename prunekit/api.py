@@ -218,23 +218,29 @@ def check_offload(plan: PrunePlan, out: Path | None, tasks: list[str]) -> None:
         )
 
 
-def check_offload_budget(lm: LoadedModel, nsamples: int, seqlen: int, budget: int) -> None:
-    """Refuse a memory budget below one streamed step: what the process holds now (the
-    interpreter, libraries, embedding and head), one block read and its staged copy, a
-    float32 working copy of the widest linear, and the activations [nsamples, seqlen,
-    hidden] with one batch's temporaries."""
+def check_offload_budget(lm: LoadedModel, nsamples: int, seqlen: int, budget: int) -> bool:
+    """Fit one streamed step into `budget`: what the process holds now (the interpreter,
+    libraries, embedding and head), one block read and its staged copy, a float32 working
+    copy of the widest linear, and the activations [nsamples, seqlen, hidden] (inputs and
+    outputs of a block). When only the activations do not fit, they go to file-backed
+    buffers in the staging folder (returns True); when the rest does not fit, the budget
+    is refused before any work."""
     offload = lm.adapter.offload
     now = resident_bytes()
     block = max(offload.block_bytes(i) for i in range(len(lm.adapter.blocks)))
     widest = max(m.weight.numel() for m in lm.adapter.linears(lm.adapter.blocks[0]).values())
     activations = 2 * nsamples * seqlen * lm.model.config.hidden_size * 4
-    need = now + 2 * block + 3 * 4 * widest + activations
+    need = now + 2 * block + 3 * 4 * widest
     if need > budget:
         raise PrunekitError(
             f"--max-memory {gib(budget)} is below one streamed step: loaded {gib(now)} + one "
-            f"block twice {gib(2 * block)} + float32 work {gib(12 * widest)} + activations "
-            f"{gib(activations)} = {gib(need)}; valid: at least {gib(need)}"
+            f"block twice {gib(2 * block)} + float32 work {gib(12 * widest)} = {gib(need)} "
+            f"(activations {gib(activations)} can go to disk); valid: at least {gib(need)}"
         )
+    if need + activations <= budget:
+        return False
+    offload.activations = offload.staging / "activations"
+    return True
 
 
 def init_distributed(device: str) -> str:

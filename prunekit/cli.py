@@ -281,8 +281,12 @@ def prune(
         staging = out.with_name(f".{out.name}.offload-{os.getpid()}")
     try:
         lm = api.load_model(model, dtype=dtype, device="cpu", offload=offload, staging=staging)
-        if staging is not None and budget is not None:
-            api.check_offload_budget(lm, nsamples, seqlen, budget)
+        spilled = staging is not None and budget is not None
+        if spilled and api.check_offload_budget(lm, nsamples, seqlen, budget):
+            typer.echo(
+                f"the activations do not fit in --max-memory {max_memory} beside one "
+                "block: keeping them in file-backed buffers in the staging folder"
+            )
         if tasks:
             eval_seqlen = eval_seqlen or api.default_eval_seqlen(lm)
             api.check_seqlen(lm, eval_seqlen, "--eval-seqlen")

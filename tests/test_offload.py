@@ -154,3 +154,28 @@ def test_a_budget_smaller_than_the_model_turns_streaming_on(tmp_path):
     assert result.returncode == 2
     assert "is below one streamed step: loaded" in result.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_activations_in_file_backed_buffers_give_the_same_model(tmp_path):
+    """Activations that do not fit the budget go to memory-mapped files in the staging
+    folder (unlinked once mapped): the pruned weights are the in-memory run's."""
+    from prunekit.api import check_offload_budget, resident_bytes
+    from prunekit.engine.activations import activation_buffer
+
+    buffer = activation_buffer((4, 8), torch.float32, tmp_path / "spill")
+    maps = open("/proc/self/maps").read()
+    assert str(tmp_path / "spill") in maps and "(deleted)" in maps
+    assert list((tmp_path / "spill").iterdir()) == []
+    del buffer
+
+    dense = prunekit.load_model("stories260k")
+    prunekit.save(dense, tmp_path / "memory", prunekit.prune(dense, "sparsegpt", **CALIB))
+    lm = prunekit.load_model("stories260k", offload="disk", staging=tmp_path / "staging")
+    budget = resident_bytes() + (64 << 20)
+    assert not check_offload_budget(lm, 8, 64, budget)  # 8 x 64 tokens fit
+    assert check_offload_budget(lm, 4000, 64, budget)  # 4000 x 64 do not: spill
+    assert lm.adapter.offload.activations == tmp_path / "staging" / "activations"
+    prunekit.save(lm, tmp_path / "disk", prunekit.prune(lm, "sparsegpt", **CALIB))
+    ours, theirs = _weights(tmp_path / "disk"), _weights(tmp_path / "memory")
+    for name, tensor in theirs.items():
+        assert torch.equal(ours[name], tensor), name

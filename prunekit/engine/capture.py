@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
 
+from prunekit.engine.activations import activation_buffer
 from prunekit.models.adapter import ModelAdapter
 
 
@@ -68,11 +70,12 @@ def _strip_cache(kwargs: dict) -> dict:
 
 @torch.no_grad()
 def capture_inputs(
-    adapter: ModelAdapter, windows: torch.Tensor, batch_size: int, store_device: str = "cpu"
+    adapter: ModelAdapter, windows: torch.Tensor, batch_size: int, spill: Path | None = None
 ) -> CapturedInputs:
     """Run the model's embedding stage over `windows` [n, L] and capture block inputs.
 
-    Hidden states are kept on `store_device`; calls are kept on the model's device.
+    Hidden states are kept on the CPU (in a file-backed buffer in `spill` when given,
+    `engine/activations.py`); calls are kept on the model's device.
     """
     model, blocks = adapter.model, adapter.blocks
     device = next(model.parameters()).device
@@ -88,7 +91,7 @@ def capture_inputs(
             if index == 0:
                 if not hidden:
                     shape = (windows.shape[0], *h.shape[1:])
-                    hidden.append(torch.empty(shape, dtype=h.dtype, device=store_device))
+                    hidden.append(activation_buffer(shape, h.dtype, spill))
                 hidden[0][filled[0] : filled[0] + h.shape[0]] = h.detach()
                 filled[0] += h.shape[0]
             if recording is not None:

@@ -13,6 +13,7 @@ from contextlib import contextmanager, nullcontext
 import torch
 from torch import nn
 
+from prunekit.engine.activations import activation_buffer
 from prunekit.engine.capture import BlockCall, CapturedInputs, capture_inputs
 from prunekit.engine.collectors import COLLECTORS, Collector
 from prunekit.engine.distributed import world
@@ -205,7 +206,9 @@ class SequentialRunner:
         self.windows = windows
         self.collect = tuple(collect)
         self.overwrite_inputs = overwrite_inputs
-        self.captured: CapturedInputs = capture_inputs(adapter, windows, batch_size)
+        offload = adapter.offload
+        self.spill = offload.activations if offload is not None else None
+        self.captured: CapturedInputs = capture_inputs(adapter, windows, batch_size, self.spill)
         self.hidden = self.captured.hidden
 
     def block_call(self, batch_size: int, index: int) -> BlockCall:
@@ -246,7 +249,10 @@ class SequentialRunner:
             result = self.call_block(index, h)
             if out is None or out.shape[1:] != result.shape[1:] or out.dtype != result.dtype:
                 shape = (inputs.shape[0], *result.shape[1:])
-                out = torch.empty(shape, dtype=result.dtype, device=inputs.device)
+                if inputs.device.type == "cpu":
+                    out = activation_buffer(shape, result.dtype, self.spill)
+                else:
+                    out = torch.empty(shape, dtype=result.dtype, device=inputs.device)
             out[start : start + h.shape[0]] = result.to(out.device)
         return out
 

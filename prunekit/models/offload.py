@@ -81,6 +81,8 @@ class DiskBlocks:
         self.buffers = buffers  # a block's non-persistent buffers (the same in every block)
         self.prefix = adapter.spec.blocks + "."
         self.counts: dict[int, dict[str, tuple[int, int]]] = {}
+        # a folder for file-backed activations when they do not fit the memory budget
+        self.activations: Path | None = None
         staging.mkdir(parents=True, exist_ok=True)
 
     def staged(self, index: int) -> Path:
