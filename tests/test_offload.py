@@ -5,6 +5,7 @@ must be the in-memory run's, tensor for tensor."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -163,7 +164,7 @@ def test_activations_in_file_backed_buffers_give_the_same_model(tmp_path):
     from prunekit.engine.activations import activation_buffer
 
     buffer = activation_buffer((4, 8), torch.float32, tmp_path / "spill")
-    maps = open("/proc/self/maps").read()
+    maps = Path("/proc/self/maps").read_text()
     assert str(tmp_path / "spill") in maps and "(deleted)" in maps
     assert list((tmp_path / "spill").iterdir()) == []
     del buffer
