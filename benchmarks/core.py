@@ -43,7 +43,8 @@ def one_run(args: argparse.Namespace) -> dict:
     import prunekit
     import prunekit.api  # noqa: F401  (the package root imports lazily)
     from prunekit.data import calibration_windows, load_text
-    from prunekit.export.record import count_parameters, peak_rss_mb
+    from prunekit.export.record import count_parameters
+    from prunekit.process_memory import peak_rss_mb
 
     torch.set_num_threads(args.threads)
     import_rss = peak_rss_mb()  # the interpreter, torch, transformers, prunekit: no model yet

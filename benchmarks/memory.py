@@ -45,7 +45,7 @@ def one_run(method: str, offload: str, threads: int, work: Path, batch_size: int
 
     import prunekit
     import prunekit.api  # noqa: F401  (the package root imports lazily)
-    from prunekit.export.record import peak_rss_mb
+    from prunekit.process_memory import peak_rss_mb
 
     torch.set_num_threads(threads)
     baseline = peak_rss_mb()

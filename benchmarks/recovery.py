@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 
 import prunekit
-from prunekit.bench.memory import cell_peak_rss_mb, reset_peak_rss
 from prunekit.export.record import count_parameters, overall_sparsity
+from prunekit.process_memory import reset_peak_rss, step_peak_rss_mb
 from prunekit.recovery import heal_model, make_config
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -163,7 +163,7 @@ def main() -> None:
                 reset_peak_rss()
                 start = time.perf_counter()
                 stage = heal_model(lm, config).record
-                stage["peak_rss_mb"] = round(cell_peak_rss_mb(), 1)
+                stage["peak_rss_mb"] = round(step_peak_rss_mb(), 1)
                 stage["heal_s"] = time.perf_counter() - start
             row |= {
                 "sparsity_after": overall_sparsity(lm.adapter),

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -31,7 +30,6 @@ from prunekit.export.record import (
     count_parameters,
     layer_sparsity,
     overall_sparsity,
-    peak_rss_mb,
 )
 from prunekit.methods import (
     REGISTRY,
@@ -51,6 +49,7 @@ from prunekit.models.loading import (
     safetensors_folder,
 )
 from prunekit.models.offload import checkpoint_files, file_bytes
+from prunekit.process_memory import peak_rss_mb, resident_bytes
 from prunekit.surgery.masks import SCOPES, Pattern, check_sparsity
 
 __all__ = [
@@ -158,15 +157,6 @@ def parse_memory(text: str) -> int:
     if value <= 0 or unit not in _UNITS:
         raise PrunekitError(f"memory size {text!r} not understood; valid: e.g. 4GiB, 512MB, 8GB")
     return int(value * _UNITS[unit])
-
-
-def resident_bytes() -> int:
-    """This process's resident memory now (Linux; 0 where /proc is missing)."""
-    try:
-        pages = int(Path("/proc/self/statm").read_text().split()[1])
-    except (OSError, IndexError, ValueError):
-        return 0
-    return pages * os.sysconf("SC_PAGE_SIZE")
 
 
 def gib(n: int) -> str:

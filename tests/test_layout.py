@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "prunekit"
-CORE = {"errors", "settings", "registry", "options", "progress"}
+CORE = {"errors", "settings", "registry", "options", "progress", "process_memory"}
 PUBLIC = {"__init__", "__main__", "api", "cli"}
 
 # layer -> the layers it may import (besides itself and the cross-cutting core)
@@ -28,7 +28,7 @@ ALLOWED: dict[str, set[str]] = {
     "methods": {"models", "data", "engine", "surgery", "eval", "recovery"},
     "allocations": {"models", "data", "engine", "surgery", "eval", "methods"},
     "recovery": {"models", "data", "engine", "eval", "export"},
-    "recipes": {"models", "data", "export", "recovery", "api", "bench"},
+    "recipes": {"models", "data", "export", "recovery", "api"},
     "api": {
         "models",
         "data",

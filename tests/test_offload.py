@@ -160,8 +160,9 @@ def test_a_budget_smaller_than_the_model_turns_streaming_on(tmp_path):
 def test_activations_in_file_backed_buffers_give_the_same_model(tmp_path):
     """Activations that do not fit the budget go to memory-mapped files in the staging
     folder (unlinked once mapped): the pruned weights are the in-memory run's."""
-    from prunekit.api import check_offload_budget, resident_bytes
+    from prunekit.api import check_offload_budget
     from prunekit.engine.activations import activation_buffer
+    from prunekit.process_memory import resident_bytes
 
     buffer = activation_buffer((4, 8), torch.float32, tmp_path / "spill")
     maps = Path("/proc/self/maps").read_text()

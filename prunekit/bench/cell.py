@@ -13,8 +13,8 @@ from typing import Any
 import torch
 
 from prunekit.bench.config import Cell, Execution
-from prunekit.bench.memory import cell_peak_rss_mb, reset_peak_rss
 from prunekit.export.record import versions
+from prunekit.process_memory import reset_peak_rss, step_peak_rss_mb
 
 
 def _limit_groups(evaluation: dict[str, Any]) -> dict[int | None, list[str]]:
@@ -108,7 +108,7 @@ def run_cell(cell: Cell, execution: Execution) -> dict[str, Any]:
             "eval_s": end - pruned,
             "total_s": end - start,
         },
-        "peak_rss_mb": cell_peak_rss_mb(),
+        "peak_rss_mb": step_peak_rss_mb(),
         "versions": versions(),
         "data_hashes": data_hashes(calibration, metrics),
     }

@@ -25,9 +25,9 @@ from typing import Any
 import prunekit
 from prunekit.bench.cell import error_line, run_outcome, run_outcome_from_dicts
 from prunekit.bench.config import Cell, Execution
-from prunekit.bench.memory import reset_peak_rss
 from prunekit.errors import choice_error
 from prunekit.export.folder import process_alive
+from prunekit.process_memory import reset_peak_rss
 
 Outcome = dict[str, Any]  # {"result": {...}} or {"error": "..."}, plus "wall_time_s"
 OnStart = Callable[[Cell | None], None] | None  # told when a cell starts (None: all at once)

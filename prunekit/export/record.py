@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import platform
-import resource
 import sys
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -24,11 +23,6 @@ def versions() -> dict[str, str]:
         "python": sys.version.split()[0],
         "platform": platform.platform(),
     }
-
-
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far (MiB; Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def count_parameters(model: nn.Module) -> int:

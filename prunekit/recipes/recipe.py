@@ -24,11 +24,11 @@ from typing import Any
 import yaml
 
 from prunekit import api
-from prunekit.bench.memory import cell_peak_rss_mb, reset_peak_rss
 from prunekit.errors import PrunekitError
 from prunekit.export.folder import check_output_dir, read_record, save_pruned
 from prunekit.export.record import count_parameters, overall_sparsity
 from prunekit.models.loading import LoadedModel, load_model, load_pruned
+from prunekit.process_memory import reset_peak_rss, step_peak_rss_mb
 from prunekit.recovery import heal_model, make_config
 
 PRUNE_FIELDS = {
@@ -187,7 +187,7 @@ def _run_stage(
         "method": stage.method,
         "args": stage.args,
         "seconds": round(time.perf_counter() - began, 2),
-        "peak_rss_mb": round(cell_peak_rss_mb(), 1),
+        "peak_rss_mb": round(step_peak_rss_mb(), 1),
         "parameters_after": count_parameters(lm.model),
         "sparsity_after": round(overall_sparsity(lm.adapter), 6),
         "facts": facts,

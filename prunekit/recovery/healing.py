@@ -32,9 +32,10 @@ from prunekit.engine.training import TrainSettings, train
 from prunekit.errors import PrunekitError, choice_error
 from prunekit.eval.perplexity import mean_nll, next_token_loss
 from prunekit.export.folder import RECORD_FILE, check_output_dir, read_record, save_pruned
-from prunekit.export.record import count_parameters, overall_sparsity, peak_rss_mb
+from prunekit.export.record import count_parameters, overall_sparsity
 from prunekit.models.adapter import weight_matrix
 from prunekit.models.loading import LoadedModel, load_model
+from prunekit.process_memory import peak_rss_mb
 from prunekit.recovery.lora import (
     add_masked_lora,
     add_peft_lora,
