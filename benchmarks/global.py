@@ -38,6 +38,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--eval-seqlen", type=int, default=512)
     p.add_argument("--eval-limit", type=int, default=16, help="first N windows per dataset")
     p.add_argument("--surgeon-options", default="", help="llm_surgeon key=value,...")
+    p.add_argument("--sparsellm-options", default="", help="sparsellm key=value,...")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--name", default="global_smollm2")
     p.add_argument("--report", action="store_true", help="only rewrite the markdown")
@@ -54,6 +55,8 @@ def run_row(args: argparse.Namespace, label: str, target: str) -> dict:
     method, allocation, options = ROWS[label]
     if method == "llm_surgeon":
         options = {**options, **options_of(args.surgeon_options)}
+    if method == "sparsellm":
+        options = {**options, **options_of(args.sparsellm_options)}
     nm = ":" in target
     lm = prunekit.load_model(args.model)
     start = time.perf_counter()

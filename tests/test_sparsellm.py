@@ -4,6 +4,7 @@ MLP of stories260K's first block with activations taken by plain `transformers` 
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -120,3 +121,19 @@ def test_exact_sparsity_and_nm(stories, stories_calib):
         for module in stories.adapter.linears(block).values():
             groups = (module.weight != 0).reshape(-1, 4).sum(1)
             assert (groups == 2).all()
+
+
+def test_keep_best_keeps_the_round_with_the_lowest_mlp_error(stories, stories_calib):
+    """With an unstable step on s (s_lr=5) later rounds get worse; keep_best restores the
+    best round's weights, whose MLP error is then the recorded minimum."""
+    windows = stories_calib[:4, :64]
+    mlp = stories.model.model.layers[0].mlp
+    act = mlp_activations(stories.model, windows)
+    config = get_method("sparsellm").Config(epochs=3, s_lr=5.0, keep_best=True)
+    facts = get_method("sparsellm")(config).run(stories, windows, PruneRequest(sparsity=0.5))
+    errors = facts["sparsellm"]["mlp_relative_error"][0]
+    assert min(errors) < errors[-1]  # the rounds did diverge
+    w = {n: getattr(mlp, f"{n}_proj").weight.data for n in ("gate", "up", "down")}
+    out = w["down"] @ (F.silu(w["gate"] @ act["x"]) * (w["up"] @ act["x"]))
+    final = float((out - act["y"]).square().sum() / act["y"].square().sum())
+    assert final == pytest.approx(min(errors), rel=1e-4)
