@@ -217,8 +217,8 @@ def markdown(result: dict) -> str:
     """The tables of `memory.json`."""
     lines = [
         "Commands: `python benchmarks/memory.py --part small --batch-sizes 8,1` (SmolLM2-135M) "
-        f"and `--part large` (the 7B shape); {result.get('threads')} threads; the SmolLM2 "
-        "wall times were taken while another benchmark shared the 2 cores.",
+        f"and `--part large` (the 7B shape); {result.get('threads')} thread(s) per process; "
+        "the SmolLM2 wall times were taken while another benchmark shared the 2 cores.",
         "",
     ]
     if "smollm2" in result:
