@@ -106,10 +106,14 @@ def markdown(report: dict) -> str:
     for r in rows:
         label = r["row"] + (f" ({_short(r['options'])})" if r["options"] else "")
         lines.append(
-            f"| {label} | {r['target']} | {r['sparsity']:.3f} | {r['wikitext2']:.2f} "
-            f"| {r['ptb']:.2f} | {r['prune_s']:.0f} |"
+            f"| {label} | {r['target']} | {r['sparsity']:.3f} | {_ppl(r['wikitext2'])} "
+            f"| {_ppl(r['ptb'])} | {r['prune_s']:.0f} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _ppl(value: float) -> str:
+    return f"{value:.2f}" if value < 1e5 else f"{value:.1e} (diverged)"
 
 
 def _short(options: dict) -> str:
