@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from prunekit.errors import PrunekitError, choice_error
-from prunekit.eval.perplexity import window_nll
 from prunekit.methods.base import Method, MethodConfig, PruneRequest, register
+from prunekit.methods.experts.routed import routed_pass
 from prunekit.models.loading import LoadedModel
 from prunekit.surgery.experts import expert_count, keep_experts, top_k, update_expert_config
 
@@ -98,21 +98,6 @@ class RoutedStatistics:
         if criterion == "gate":
             return self.gate
         return self.reap / self.count.clamp_min(1)
-
-
-def routed_pass(lm: LoadedModel, calib: torch.Tensor, request: PruneRequest, stats: list):
-    """Run the calibration windows through the model on `request.device` while the
-    statistics' hooks (`.handle`) collect, then remove the hooks; returns `stats`."""
-    home = next(lm.model.parameters()).device
-    lm.model.to(request.device)
-    try:
-        with torch.no_grad():
-            window_nll(lm.model, calib, request.batch_size, desc="expert statistics")
-    finally:
-        for s in stats:
-            s.handle.remove()
-        lm.model.to(home)
-    return stats
 
 
 @register

@@ -14,34 +14,18 @@ E · (H² + I²) float32 values.
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from prunekit.engine.runner import SequentialRunner
 from prunekit.errors import PrunekitError
 from prunekit.methods.base import Method, PruneRequest, register
-from prunekit.methods.experts.routed import routed_inputs
+from prunekit.methods.experts.routed import RoutedSums
 from prunekit.methods.unstructured.sparsegpt import SparseGPTConfig, sparsegpt_prune
 from prunekit.models.loading import LoadedModel
-from prunekit.surgery.experts import expert_count
 
 
-class RoutedHessians:
-    """Per expert: XᵀX of its two inputs over the routed tokens, and the token count."""
-
-    def __init__(self, moe: nn.Module):
-        experts, n = moe.experts, expert_count(moe)
-        hidden, inner = experts.gate_up_proj.shape[2], experts.down_proj.shape[2]
-        self.x = torch.zeros(n, hidden, hidden)
-        self.h = torch.zeros(n, inner, inner)
-        self.count = torch.zeros(n, dtype=torch.long)
-        self.handle = experts.register_forward_pre_hook(self.hook)
-
-    @torch.no_grad()
-    def hook(self, experts: nn.Module, args: tuple) -> None:
-        for e, inputs, hidden in routed_inputs(experts, args):
-            self.x[e] += (inputs.T @ inputs).cpu()
-            self.h[e] += (hidden.T @ hidden).cpu()
-            self.count[e] += inputs.shape[0]
+def gram(tokens: torch.Tensor) -> torch.Tensor:
+    """XᵀX of tokens [t, F]: [F, F]."""
+    return tokens.T @ tokens
 
 
 @register
@@ -69,24 +53,19 @@ class ExpertSparseGPT(Method):
         unreached = {}
         for ctx in runner:
             moe = adapter.moe(ctx.block)
-            stats = RoutedHessians(moe)
+            stats = RoutedSums(moe, gram)
             try:
                 runner.sweep_block(ctx.index, ctx.inputs)
             finally:
                 stats.handle.remove()
-            target = request.target(ctx.index)
+            target, missed = request.target(ctx.index), []
             with torch.no_grad():
-                for e in range(expert_count(moe)):
-                    if stats.count[e] == 0:
-                        unreached.setdefault(str(ctx.index), []).append(e)
-                        continue
-                    for weight, hessian in (
-                        (moe.experts.gate_up_proj.data[e], stats.x[e]),
-                        (moe.experts.down_proj.data[e], stats.h[e]),
-                    ):
-                        new, _ = sparsegpt_prune(
-                            weight, hessian.to(weight.device), target, config.blocksize,
-                            config.percdamp,
-                        )  # fmt: skip
-                        weight.copy_(new.to(weight.dtype))
+                for weight, hessian in stats.reached_weights(moe, missed):
+                    new, _ = sparsegpt_prune(
+                        weight, hessian.to(weight.device), target, config.blocksize,
+                        config.percdamp,
+                    )  # fmt: skip
+                    weight.copy_(new.to(weight.dtype))
+            if missed:
+                unreached[str(ctx.index)] = missed
         return {"experts_no_calibration_token_reached": unreached}

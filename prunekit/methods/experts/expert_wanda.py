@@ -12,34 +12,16 @@ user's back. Attention linears are not touched: run a mask method before it (a r
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from prunekit.methods.base import Method, PruneRequest, register
-from prunekit.methods.experts.expert_prune import routed_pass
-from prunekit.methods.experts.routed import routed_inputs
+from prunekit.methods.experts.routed import RoutedSums, routed_pass
 from prunekit.models.loading import LoadedModel
-from prunekit.surgery.experts import expert_count
 from prunekit.surgery.masks import make_mask
 
 
-class RoutedNorms:
-    """Per expert: Σ x² over routed tokens of the expert's two inputs (layer input [H],
-    GLU activation [I]), from a pre-hook on the experts module."""
-
-    def __init__(self, moe: nn.Module):
-        experts = moe.experts
-        n = expert_count(moe)
-        self.x = torch.zeros(n, experts.gate_up_proj.shape[2], dtype=torch.float64)
-        self.h = torch.zeros(n, experts.down_proj.shape[2], dtype=torch.float64)
-        self.count = torch.zeros(n, dtype=torch.long)
-        self.handle = experts.register_forward_pre_hook(self.hook)
-
-    @torch.no_grad()
-    def hook(self, experts: nn.Module, args: tuple) -> None:
-        for e, inputs, hidden in routed_inputs(experts, args):
-            self.x[e] += inputs.double().pow(2).sum(0)
-            self.h[e] += hidden.double().pow(2).sum(0)
-            self.count[e] += inputs.shape[0]
+def squared_norms(tokens: torch.Tensor) -> torch.Tensor:
+    """Σ x² per feature over tokens [t, F], in float64: [F]."""
+    return tokens.double().pow(2).sum(0)
 
 
 @register
@@ -52,19 +34,15 @@ class ExpertWanda(Method):
     def run(self, lm: LoadedModel, calib: torch.Tensor | None, request: PruneRequest) -> dict:
         adapter = lm.adapter
         modules = [adapter.moe(block) for block in adapter.blocks]
-        stats = routed_pass(lm, calib, request, [RoutedNorms(moe) for moe in modules])
+        sums = [RoutedSums(moe, squared_norms) for moe in modules]
+        stats = routed_pass(lm, calib, request, sums)
         unreached = {}
         with torch.no_grad():
             for i, (moe, s) in enumerate(zip(modules, stats, strict=True)):
-                experts, target = moe.experts, request.target(i)
-                for e in range(expert_count(moe)):
-                    if s.count[e] == 0:
-                        unreached.setdefault(str(i), []).append(e)
-                        continue
-                    for weight, norms in (
-                        (experts.gate_up_proj[e], s.x[e]),
-                        (experts.down_proj[e], s.h[e]),
-                    ):
-                        scores = weight.float().abs() * norms.sqrt().float().unsqueeze(0)
-                        weight.mul_(make_mask(scores, target).to(weight.dtype))
+                missed = []
+                for weight, norms in s.reached_weights(moe, missed):
+                    scores = weight.float().abs() * norms.sqrt().float().unsqueeze(0)
+                    weight.mul_(make_mask(scores, request.target(i)).to(weight.dtype))
+                if missed:
+                    unreached[str(i)] = missed
         return {"experts_no_calibration_token_reached": unreached}
