@@ -31,23 +31,26 @@ reference's rounds raise the error in most blocks and diverge in one (docs/globa
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from prunekit.engine.runner import BlockContext, LayerStats
 from prunekit.errors import PrunekitError
-from prunekit.methods.base import MethodConfig, register
-from prunekit.methods.unstructured.layerwise import LayerwiseMethod
-from prunekit.methods.unstructured.sparsegpt import sparsegpt_prune
+from prunekit.methods.base import register
+from prunekit.methods.unstructured.sparsegpt import SparseGPT, SparseGPTConfig, sparsegpt_prune
 from prunekit.models.adapter import get_path, set_weight_matrix, weight_matrix
 from prunekit.surgery.masks import Target
+
+if TYPE_CHECKING:
+    from prunekit.methods.unstructured.updates.base import WeightUpdate
 
 MLP = ("gate", "up", "down")
 
 
 @dataclass
-class SparseLLMConfig(MethodConfig):
+class SparseLLMConfig(SparseGPTConfig):
     epochs: int = 4  # rounds of pruning and auxiliary updates per block
     single_epoch_blocks: str = "1,30,31"  # block indices given one round (the reference's)
     alpha: float = 5.0  # penalty on z = W_u X and s = W_g X
@@ -56,11 +59,10 @@ class SparseLLMConfig(MethodConfig):
     s_steps: int = 2  # gradient passes over the tokens for s
     s_lr: float = 0.01
     s_batch: int = 1000  # tokens per gradient step on s
-    blocksize: int = 128  # SparseGPT's
-    percdamp: float = 0.01  # SparseGPT's
     keep_best: bool = False  # prunekit's: keep the round with the lowest MLP error
 
     ranges = {
+        **SparseGPTConfig.ranges,
         "epochs": ">= 1",
         "alpha": "> 0",
         "beta": "> 0",
@@ -68,8 +70,6 @@ class SparseLLMConfig(MethodConfig):
         "s_steps": ">= 0",
         "s_lr": ">= 0",
         "s_batch": ">= 1",
-        "blocksize": ">= 1",
-        "percdamp": "> 0",
     }
     single: set[int] = field(init=False, repr=False)
 
@@ -139,27 +139,20 @@ def mlp_error(modules: dict[str, nn.Module], act, aux: Auxiliary) -> float:
 
 
 @register
-class SparseLLM(LayerwiseMethod):
+class SparseLLM(SparseGPT):
+    """SparseGPT's `prune_linear` for attention; `prune_block` couples the MLP."""
+
     name = "sparsellm"
     summary = "AdaGP: SparseGPT inside a block's MLP coupled by auxiliary variables (global view)"
-    needs = ("hessian",)
-    default_scope = "layer"
     Config = SparseLLMConfig
     distributes = False  # the auxiliary variables hold every calibration token on one rank
 
-    def __init__(self, config=None, update=None):
+    def __init__(self, config: SparseLLMConfig | None = None, update: WeightUpdate | None = None):
         super().__init__(config, update)
         self.errors: list[list[float]] = []
 
     def details(self) -> dict:
         return {"sparsellm": {"mlp_relative_error": self.errors}}
-
-    def prune_linear(self, module: nn.Module, stats: LayerStats, target: Target, path: str) -> None:
-        config = self.config
-        new, _ = sparsegpt_prune(
-            weight_matrix(module), stats["hessian"], target, config.blocksize, config.percdamp
-        )
-        set_weight_matrix(module, new)
 
     def prune_block(self, ctx: BlockContext, stats: dict[str, LayerStats], target: Target) -> None:
         adapter, config = ctx.adapter, self.config
