@@ -89,11 +89,19 @@ def layer_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
     return mask.view_as(scores)
 
 
+def check_nm_width(in_features: int, m: int, where: str = "") -> None:
+    """Refuse an N:M pattern whose group size m does not divide `in_features`."""
+    if in_features % m:
+        at = f" ({where})" if where else ""
+        raise PrunekitError(
+            f"N:M with M={m} needs in_features divisible by {m}, got {in_features}{at}"
+        )
+
+
 def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     """Keep the n highest of every m consecutive scores along each row (in % m == 0)."""
     out_features, in_features = scores.shape
-    if in_features % m:
-        raise PrunekitError(f"N:M with M={m} needs in_features divisible by {m}, got {in_features}")
+    check_nm_width(in_features, m)
     groups = scores.reshape(out_features, in_features // m, m)
     keep = torch.topk(groups, n, dim=2).indices
     mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(2, keep, True)

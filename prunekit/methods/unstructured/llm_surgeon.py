@@ -43,7 +43,7 @@ from prunekit.methods.base import Method, MethodConfig, PruneRequest, register
 from prunekit.models.adapter import weight_matrix
 from prunekit.models.loading import LoadedModel
 from prunekit.progress import progress as tqdm
-from prunekit.surgery.masks import Pattern, global_masks
+from prunekit.surgery.masks import Pattern, check_nm_width, global_masks
 
 STRUCTURES = ("element", "rows_columns")
 
@@ -249,14 +249,10 @@ class LLMSurgeon(Method):
         if calib is None:
             raise PrunekitError("method 'llm_surgeon' needs calibration data")
         config, adapter, pattern = self.config, lm.adapter, request.pattern
-        if pattern.is_nm:
+        if pattern.is_nm:  # before the first backward pass, not after it
             for i, block in enumerate(adapter.blocks):
                 for path, module in adapter.linears(block).items():
-                    if weight_matrix(module).shape[1] % pattern.m:
-                        raise PrunekitError(
-                            f"{i}.{path} has {weight_matrix(module).shape[1]} inputs, "
-                            f"not a multiple of {pattern.m} ({pattern})"
-                        )
+                    check_nm_width(weight_matrix(module).shape[1], pattern.m, f"{i}.{path}")
         if pattern.is_nm and config.structure != "element":
             raise PrunekitError(f"llm_surgeon structure {config.structure!r} takes no {pattern}")
         final = pattern.sparsity if pattern.is_nm else request.sparsity
