@@ -281,8 +281,8 @@ def prune(
         staging = out.with_name(f".{out.name}.offload-{os.getpid()}")
     try:
         lm = api.load_model(model, dtype=dtype, device="cpu", offload=offload, staging=staging)
-        spilled = staging is not None and budget is not None
-        if spilled and api.check_offload_budget(lm, nsamples, seqlen, budget):
+        budgeted = staging is not None and budget is not None
+        if budgeted and api.check_offload_budget(lm, nsamples, seqlen, budget):
             typer.echo(
                 f"the activations do not fit in --max-memory {max_memory} beside one "
                 "block: keeping them in file-backed buffers in the staging folder"
