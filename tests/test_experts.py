@@ -150,26 +150,38 @@ def test_refusals(stories):
         prunekit.api.check_architecture(prunekit.api.get_method("flap"), lm)
 
 
+def _routed_twins():
+    """Two copies of a tiny Mixtral whose routers never pick expert 5 (hooks to remove),
+    calibration ids [4, 16], and per block the dense copy's experts-module inputs for
+    them: (x [tokens, H], index [tokens, top_k])."""
+    lm = _tiny("mixtral", seed=4)
+    dense = _tiny("mixtral", seed=4)
+    calib = torch.randint(2, 128, (4, 16), generator=torch.Generator().manual_seed(1))
+    handles = [_mask_router(m.adapter.moe(b), [5], True) for m in (lm, dense)
+               for b in m.adapter.blocks]  # fmt: skip
+    routed: dict[int, tuple] = {}
+
+    def keep(i: int):
+        def hook(module, args) -> None:  # a pre-hook returning None leaves args as they are
+            routed[i] = (args[0].detach(), args[1].detach())
+
+        return hook
+
+    for i, block in enumerate(dense.adapter.blocks):
+        handles.append(dense.adapter.moe(block).experts.register_forward_pre_hook(keep(i)))
+    with torch.no_grad():
+        dense.model(calib)
+    return lm, dense, calib, routed, handles
+
+
 def test_expert_wanda_uses_the_routed_tokens_and_skips_unreached_experts():
     from prunekit.methods.experts.expert_wanda import ExpertWanda
     from prunekit.surgery.masks import Pattern
 
-    lm = _tiny("mixtral", seed=4)
-    dense = _tiny("mixtral", seed=4)
-    calib = torch.randint(2, 128, (4, 16), generator=torch.Generator().manual_seed(1))
-    handles = [_mask_router(lm.adapter.moe(b), [5], True) for b in lm.adapter.blocks]
-    ref_handles = [_mask_router(dense.adapter.moe(b), [5], True) for b in dense.adapter.blocks]
-    captured: dict[int, list] = {0: [], 1: []}
-    for i, block in enumerate(dense.adapter.blocks):
-        dense.adapter.moe(block).experts.register_forward_pre_hook(
-            lambda m, a, i=i: captured[i].append((a[0].detach(), a[1].detach()))
-        )
-    with torch.no_grad():
-        dense.model(calib[:2])
-        dense.model(calib[2:])
+    lm, dense, calib, routed, handles = _routed_twins()
     request = PruneRequest(sparsity=0.5, pattern=Pattern(), batch_size=2, seed=0)
     details = ExpertWanda().run(lm, calib, request)
-    for handle in handles + ref_handles:
+    for handle in handles:
         handle.remove()
     assert details["experts_no_calibration_token_reached"] == {"0": [5], "1": [5]}
     for i, block in enumerate(lm.adapter.blocks):
@@ -178,10 +190,9 @@ def test_expert_wanda_uses_the_routed_tokens_and_skips_unreached_experts():
             dense.adapter.moe(dense.adapter.blocks[i]).experts,
         )
         assert torch.equal(experts.gate_up_proj[5], original.gate_up_proj[5])  # left dense
+        x, index = routed[i]
         for e in range(5):
-            xs = [x[torch.where(index == e)[0]] for x, index in captured[i]]
-            x = torch.cat(xs)
-            norms = x.pow(2).sum(0).sqrt()
+            norms = x[torch.where(index == e)[0]].pow(2).sum(0).sqrt()
             w = original.gate_up_proj[e].detach()
             scores = w.abs() * norms
             k = round(0.5 * w.shape[1])
@@ -220,26 +231,16 @@ def test_expert_sparsegpt_equals_sparsegpt_on_each_experts_routed_tokens():
     from prunekit.methods.experts.expert_sparsegpt import ExpertSparseGPT
     from prunekit.surgery.masks import Pattern, is_valid_nm
 
-    lm = _tiny("mixtral", seed=4)
-    dense = _tiny("mixtral", seed=4)
-    calib = torch.randint(2, 128, (4, 16), generator=torch.Generator().manual_seed(1))
-    handles = [_mask_router(lm.adapter.moe(b), [5], True) for b in lm.adapter.blocks]
-    ref_handles = [_mask_router(dense.adapter.moe(b), [5], True) for b in dense.adapter.blocks]
-    captured = []
-    dense.adapter.moe(dense.adapter.blocks[0]).experts.register_forward_pre_hook(
-        lambda m, a: captured.append((a[0].detach(), a[1].detach()))
-    )
-    with torch.no_grad():
-        dense.model(calib)
+    lm, dense, calib, routed, handles = _routed_twins()
     request = PruneRequest(sparsity=0.5, pattern=Pattern(2, 4), batch_size=2, seed=0)
     details = ExpertSparseGPT().run(lm, calib, request)
-    for handle in handles + ref_handles:
+    for handle in handles:
         handle.remove()
     assert details["experts_no_calibration_token_reached"] == {"0": [5], "1": [5]}
     experts = lm.adapter.moe(lm.adapter.blocks[0]).experts
     original = dense.adapter.moe(dense.adapter.blocks[0]).experts
     assert torch.equal(experts.down_proj[5], original.down_proj[5])  # left dense
-    x, index = captured[0]
+    x, index = routed[0]
     for e in range(5):
         inputs = x[torch.where(index == e)[0]].float()
         gate, up = F.linear(inputs, original.gate_up_proj[e].detach()).chunk(2, dim=-1)
