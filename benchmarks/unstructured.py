@@ -143,8 +143,10 @@ def markdown(payload: dict) -> str:
         f"# Unstructured / N:M pruning of {p['model']}",
         "",
         f"Calibration: {p['calib']} valid, {p['nsamples']} x {p['seqlen']} tokens, seed "
-        f"{p['seed']}. Evaluation: test split, windows of {p['eval_seqlen']} tokens, first "
-        f"{p['eval_limit'] or 'all'} windows per dataset (a subset, to fit the CPU budget). "
+        f"{p['seed']}. Evaluation: test split (WikiText-2 is the tokenized wiki.test.tokens), "
+        f"non-overlapping windows of {p['eval_seqlen']} tokens with nothing added (the "
+        f"reference protocol), first {p['eval_limit'] or 'all'} windows per dataset (a "
+        "subset, to fit the CPU budget). Every method at its reference defaults. "
         f"OWL: {p['owl']}. Protocol flags: `{p['command']}` (the run may be split over "
         "`--shard` processes; see docs/unstructured.md for the exact commands).",
         "",
@@ -273,6 +275,8 @@ def main() -> None:
         "datasets": args.datasets,
         "levels": LEVELS,
         "owl": args.owl,
+        "ppl_protocol": "reference",
+        "defaults": "reference",
         "command": "python benchmarks/unstructured.py "
         + " ".join(
             f"--{k.replace('_', '-')} {v}"

@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+from tiny_models import tiny_model
 from transformers import AutoModelForCausalLM
 
 import prunekit
@@ -19,6 +20,8 @@ from prunekit.methods.learned.compresso import Compresso
 from prunekit.methods.learned.hard_concrete import BETA, GAMMA, ZETA, HardConcrete, ModelGates
 from prunekit.methods.learned.nuteprune import NutePrune
 from prunekit.methods.learned.sheared_llama import ShearedLlama
+from prunekit.models.families import adapter_for
+from prunekit.models.loading import LoadedModel
 from prunekit.surgery.masks import Pattern
 from prunekit.surgery.width import decoder_parameters
 
@@ -31,13 +34,15 @@ def _logits(model):
         return model(IDS).logits
 
 
-def _set_extremes(gates: ModelGates) -> None:
+def _set_extremes(gates: ModelGates, hidden: bool = False) -> None:
     with torch.no_grad():
-        for g in (*gates.kv, *gates.intermediate, gates.layers):
+        for g in (*gates.kv, *gates.intermediate, gates.layers, gates.hidden):
             g.log_alpha.fill_(ON)
         gates.kv[1].log_alpha[0] = OFF
         gates.intermediate[2].log_alpha[5:40] = OFF
         gates.layers.log_alpha[3] = OFF
+        if hidden:
+            gates.hidden.log_alpha[[0, 7, 8, 30, 63]] = OFF
 
 
 def test_hard_concrete_keep_probability_is_the_formula():
@@ -52,31 +57,54 @@ def test_hard_concrete_keep_probability_is_the_formula():
     torch.testing.assert_close(empirical, expected.detach(), atol=0.03, rtol=0)
 
 
-def test_open_gates_give_the_dense_model(stories):
+@pytest.mark.parametrize("hidden", [False, True])
+def test_open_gates_give_the_dense_model(stories, hidden):
     dense = _logits(stories.model)
     gates = ModelGates(stories.adapter)
     with torch.no_grad():
-        for g in (*gates.kv, *gates.intermediate, gates.layers):
+        for g in (*gates.kv, *gates.intermediate, gates.layers, gates.hidden):
             g.log_alpha.fill_(ON)
     gates.draw(torch.Generator().manual_seed(0))  # sampled: exactly 1 at these odds
-    with gates.attached():
+    with gates.attached(hidden=hidden):
         torch.testing.assert_close(_logits(stories.model), dense, rtol=1e-5, atol=1e-5)
 
 
-def test_closed_gates_equal_the_cut_model_and_its_parameter_count(stories):
+@pytest.mark.parametrize("hidden", [False, True])
+def test_closed_gates_equal_the_cut_model_and_its_parameter_count(stories, hidden):
+    """The masked model (hidden gates renormalising the RMS norms over open coordinates)
+    computes what the cut model computes with transformers' own RMSNorm."""
     gates = ModelGates(stories.adapter)
-    _set_extremes(gates)
+    _set_extremes(gates, hidden)
     gates.draw(None)
-    with gates.attached():
+    with gates.attached(hidden=hidden):
         masked = _logits(stories.model)
     expected = float(gates.expected_parameters().detach())
     masks = gates.binary_masks()
     cut(stories, masks)
+    width = 64 - 5 if hidden else 64
     assert len(stories.adapter.blocks) == 4
-    assert stories.adapter.linear(stories.adapter.blocks[1], "k").weight.shape[0] == 3 * 8
+    assert stories.adapter.linear(stories.adapter.blocks[1], "k").weight.shape == (3 * 8, width)
     assert stories.adapter.linear(stories.adapter.blocks[2], "up").weight.shape[0] == 172 - 35
+    assert stories.adapter.linear(stories.adapter.blocks[2], "down").weight.shape[0] == width
+    assert stories.model.config.hidden_size == width
     torch.testing.assert_close(_logits(stories.model), masked, rtol=1e-5, atol=1e-5)
     assert expected == pytest.approx(decoder_parameters(stories.adapter), rel=1e-6)
+
+
+def test_hidden_gates_renormalise_like_llm_shearing(stories):
+    """One norm under a fractional hidden gate, against LLM-Shearing's `LlamaRMSNorm`
+    with `hidden_z` (variance over the coordinates whose gate is nonzero, output · z)."""
+    gates = ModelGates(stories.adapter)
+    z = torch.rand(64, generator=torch.Generator().manual_seed(1))
+    z[[3, 9, 40]] = 0.0
+    gates.values = {"hidden": [z], "kv": [], "intermediate": [], "layers": []}
+    norm = stories.adapter.norm(stories.adapter.blocks[0], "attn")
+    x = torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(2)) * z
+    remaining = torch.where(~z.eq(0))[0]
+    variance = x.index_select(-1, remaining).pow(2).mean(-1, keepdim=True)
+    reference = norm.weight * (x * torch.rsqrt(variance + norm.variance_epsilon)) * z
+    with gates.attached(hidden=True):
+        torch.testing.assert_close(norm(x), reference, rtol=1e-5, atol=1e-6)
 
 
 def test_lagrangian_training_ends_exactly_at_the_target(stories, stories_calib, tmp_path):
@@ -103,8 +131,37 @@ def test_lagrangian_training_ends_exactly_at_the_target(stories, stories_calib, 
     torch.testing.assert_close(_logits(plain), logits)
 
 
+def test_lagrangian_training_reaches_a_hidden_target(stories, stories_calib, tmp_path):
+    config = ShearedLlama.Config(target="hidden:48,intermediate:128", steps=80, lr=0.2)
+    method = ShearedLlama(config)
+    details = method.run(stories, stories_calib[:8, :64], REQUEST)
+    assert details["target"] == {"hidden": 48, "intermediate": 128}
+    assert stories.model.config.hidden_size == 48
+    for block in stories.adapter.blocks:
+        assert stories.adapter.linear(block, "q").weight.shape == (64, 48)
+        assert stories.adapter.linear(block, "o").weight.shape == (48, 64)
+        assert stories.adapter.norm(block, "mlp").weight.shape == (48,)
+    assert stories.adapter.embed.weight.shape[1] == 48
+    start = 64 * config.init_keep  # the multipliers pull the expected width to 48
+    assert abs(details["expected_counts_at_end"]["hidden"] - 48) < 0.5 * abs(start - 48)
+    logits = _logits(stories.model)
+    out = tmp_path / "sheared_hidden"
+    save_pruned(stories, out, {"method": "sheared_llama"})
+    plain = AutoModelForCausalLM.from_pretrained(out)
+    assert plain.config.hidden_size == 48 and plain.config.head_dim == 8
+    torch.testing.assert_close(_logits(plain), logits)
+
+
+def test_hidden_targets_need_rms_pre_norms():
+    model = tiny_model("gpt2")
+    lm = LoadedModel(model, tokenizer=None, adapter=adapter_for(model), source="gpt2")
+    method = ShearedLlama(ShearedLlama.Config(target="hidden:16", steps=1))
+    with pytest.raises(prunekit.PrunekitError, match="RMSNorm pre-norm"):
+        method.run(lm, torch.zeros(2, 8, dtype=torch.long), REQUEST)
+
+
 def test_bad_targets_are_rejected():
-    with pytest.raises(prunekit.PrunekitError, match="valid: kv, intermediate, layers"):
+    with pytest.raises(prunekit.PrunekitError, match="valid: kv, intermediate, layers, hidden"):
         parse_target("heads:3")
     with pytest.raises(prunekit.PrunekitError):
         parse_target("kv:0")
@@ -159,3 +216,30 @@ def test_lagrangian_is_on_per_block_sparsities():
     lam = {"kv": torch.tensor([2.0, 3.0])}
     got = float(lagrangian(gates, {"kv": 1}, lam).detach())  # target sparsity 1 - 1/4 = 0.75
     assert got == pytest.approx(2.0 * (0.5 - 0.75) + 3.0 * (0.5 - 0.75) ** 2, rel=1e-5)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "gemma", "phi3"])
+def test_hidden_cut_matches_masks_and_count_on_other_families(family):
+    """q/k/v biases (qwen2), the (1 + w) norm and scaled embedding (gemma), fused
+    qkv / gate_up (phi3): the masked model equals the cut one and the expected count is
+    the real count."""
+    model = tiny_model(family)
+    lm = LoadedModel(model, tokenizer=None, adapter=adapter_for(model), source=family)
+    gates = ModelGates(lm.adapter)
+    with torch.no_grad():
+        for g in (*gates.kv, *gates.intermediate, gates.layers, gates.hidden):
+            g.log_alpha.fill_(ON)
+        if lm.adapter.spec.heads_removable:  # phi3 slices its fused qkv by the config
+            gates.kv[0].log_alpha[1] = OFF
+        gates.intermediate[1].log_alpha[:9] = OFF
+        gates.hidden.log_alpha[[2, 5, 11]] = OFF
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    gates.draw(None)
+    with gates.attached(hidden=True), torch.no_grad():
+        masked = lm.model(ids).logits
+    expected = float(gates.expected_parameters().detach())
+    cut(lm, gates.binary_masks())
+    with torch.no_grad():
+        torch.testing.assert_close(lm.model(ids).logits, masked, rtol=1e-4, atol=1e-5)
+    assert lm.model.config.hidden_size == 32 - 3
+    assert expected == pytest.approx(decoder_parameters(lm.adapter), rel=1e-6)

@@ -101,7 +101,8 @@ def block_widths(adapter: ModelAdapter, block: nn.Module) -> BlockWidths:
     return BlockWidths(heads, kv_heads, intermediate)
 
 
-def _check_indices(kind: str, kept: Sequence[int], total: int) -> torch.Tensor:
+def check_indices(kind: str, kept: Sequence[int], total: int) -> torch.Tensor:
+    """`kept` as a sorted index tensor; one-line error when empty, repeated or out of range."""
     index = torch.as_tensor(list(kept), dtype=torch.long)
     if index.numel() == 0:
         raise PrunekitError(f"cannot remove every {kind} of a block; keep at least one")
@@ -142,7 +143,7 @@ def keep_heads(adapter: ModelAdapter, block: nn.Module, kv_groups: Sequence[int]
         )
     widths = block_widths(adapter, block)
     hd, ratio = adapter.head_dim, widths.heads // widths.kv_heads
-    groups = _check_indices("KV group", kv_groups, widths.kv_heads)
+    groups = check_indices("KV group", kv_groups, widths.kv_heads)
     heads = (groups.unsqueeze(1) * ratio + torch.arange(ratio)).flatten()
     q_rows, kv_rows = _spans(heads, hd), _spans(groups, hd)
     layout = adapter.spec.qkv_layout
@@ -165,7 +166,7 @@ def keep_heads(adapter: ModelAdapter, block: nn.Module, kv_groups: Sequence[int]
 def keep_channels(adapter: ModelAdapter, block: nn.Module, channels: Sequence[int]) -> None:
     """Keep only the MLP intermediate channels `channels` of `block`."""
     total = block_widths(adapter, block).intermediate
-    index = _check_indices("MLP channel", channels, total)
+    index = check_indices("MLP channel", channels, total)
     roles = adapter.spec.linears
     if "gate_up" in roles:
         shrink_linear(adapter.linear(block, "gate_up"), rows=torch.cat([index, total + index]))

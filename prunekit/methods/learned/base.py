@@ -6,8 +6,10 @@ kinds of structure on calibration windows, with whatever else it trains beside t
 each block keeps exactly the target's top structures by gate log-odds, a masked LoRA is
 merged, and the surgery cuts the rest. The model weights stay frozen.
 
-The target shape is `--opt target=kv:2,intermediate:1024,layers:24` (any subset of kinds);
-without it `--sparsity` s gives kv and intermediate round((1 − s)·width) per block.
+The target shape is `--opt target=kv:2,intermediate:1024,layers:24,hidden:448` (any subset
+of kinds; kv and intermediate per block, layers and hidden for the model); without it
+`--sparsity` s gives kv and intermediate round((1 − s)·width) per block. Hidden targets
+need an RMS pre-norm model, and give a model of uniform hidden size.
 """
 
 from __future__ import annotations
@@ -21,10 +23,11 @@ from prunekit.engine.training import TrainSettings, train
 from prunekit.errors import PrunekitError
 from prunekit.eval.perplexity import next_token_loss
 from prunekit.methods.base import Method, MethodConfig, PruneRequest
-from prunekit.methods.learned.hard_concrete import KINDS, ModelGates
+from prunekit.methods.learned.hard_concrete import KINDS, MODEL_WIDE, ModelGates
 from prunekit.models.loading import LoadedModel
 from prunekit.recovery.lora import add_masked_lora, merge_masked_lora, target_linears
 from prunekit.surgery.depth import remove_blocks
+from prunekit.surgery.residual import keep_hidden
 from prunekit.surgery.width import (
     decoder_parameters,
     keep_channels,
@@ -35,7 +38,7 @@ from prunekit.surgery.width import (
 
 @dataclass
 class LearnedConfig(MethodConfig):
-    target: str = ""  # e.g. "kv:2,intermediate:1024,layers:24"
+    target: str = ""  # e.g. "kv:2,intermediate:1024,layers:24,hidden:448"
     steps: int = 100  # training steps (one calibration batch each, cycling)
     lr: float = 0.1  # gates (log-odds) and multipliers
     init_keep: float = 0.95  # initial P(gate != 0)
@@ -61,23 +64,21 @@ def parse_target(text: str) -> dict[str, int]:
 
 
 def widest(gates: ModelGates) -> dict[str, int]:
-    """The narrowest block's KV groups and channels, and the block count."""
-    return {
-        "kv": min(len(g.log_alpha) for g in gates.kv),
-        "intermediate": min(len(g.log_alpha) for g in gates.intermediate),
-        "layers": len(gates.layers.log_alpha),
-    }
+    """The narrowest block's KV groups and channels, the block count and the hidden size."""
+    return {kind: min(widths) for kind, widths in gates.widths().items()}
 
 
 def goal(kind: str, count: float, blocks: int) -> float:
-    """A per-block target count as a model total (layers are already a total)."""
-    return count if kind == "layers" else count * blocks
+    """A per-block target count as a model total (layers and hidden are already totals)."""
+    return count if kind in MODEL_WIDE else count * blocks
 
 
 def cut(lm: LoadedModel, masks: dict) -> None:
-    """Keep each block's selected KV groups and channels, then the selected blocks
-    (`masks` as `ModelGates.binary_masks` gives them)."""
+    """Keep the selected hidden dimensions, each block's selected KV groups and channels,
+    then the selected blocks (`masks` as `ModelGates.binary_masks` gives them)."""
     adapter = lm.adapter
+    if not masks["hidden"][0].all():
+        keep_hidden(adapter, masks["hidden"][0].nonzero().flatten().tolist())
     for i, block in enumerate(adapter.blocks):
         if not masks["kv"][i].all():
             keep_heads(adapter, block, masks["kv"][i].nonzero().flatten().tolist())
@@ -155,7 +156,7 @@ class LearnedMaskMethod(Method):
         settings = TrainSettings(
             steps=config.steps, lr=config.lr, schedule="constant", grad_clip=0.0, save_every=0
         )
-        with gates.attached():
+        with gates.attached(hidden="hidden" in target):
             stats = train(params, loss_fn, settings, request.batch_size * calib.shape[1], lrs=lrs)
         model.eval()
         for param in params.values():

@@ -1,11 +1,15 @@
 """Hard-concrete gates (Louizos, Welling and Kingma, 2018) over a model's structures, as
 Sheared LLaMA (Xia et al., 2024) uses them: one gate per KV group and per MLP channel of
-every block, and one per block.
+every block, one per block, and one per residual (hidden) dimension of the model.
 
 A gate with log-odds `a` samples z = clamp(sigmoid((log u − log(1 − u) + a) / β)·(ζ − γ) + γ,
 0, 1) with u ~ U(0, 1) in training, so z is exactly 0 or 1 with positive probability; its
 probability of being nonzero, 1 − Q(0) = sigmoid(a − β·log(−γ / ζ)), is the expected L0.
 The expected parameter count is a differentiable function of these probabilities.
+
+Hidden gates act as LLM-Shearing's `hidden_z`: they scale the embedding output and every
+o / down output, and each RMS norm averages over the coordinates whose gate is nonzero
+and scales its output by the gates, so a closed gate removes a coordinate everywhere.
 """
 
 from __future__ import annotations
@@ -19,11 +23,14 @@ import torch
 from torch import nn
 
 from prunekit.models.adapter import ModelAdapter
-from prunekit.surgery.plan import block_costs
+from prunekit.surgery.plan import ATTENTION, block_costs, structure_ids
+from prunekit.surgery.residual import OUTPUTS
+from prunekit.surgery.rotate import check_rotatable
 from prunekit.surgery.width import block_widths
 
 BETA, GAMMA, ZETA = 2.0 / 3.0, -0.1, 1.1
-KINDS = ("kv", "intermediate", "layers")
+KINDS = ("kv", "intermediate", "layers", "hidden")
+MODEL_WIDE = ("layers", "hidden")  # one set of gates for the model, not one per block
 
 
 class HardConcrete(nn.Module):
@@ -51,15 +58,50 @@ class HardConcrete(nn.Module):
 
 @dataclass(frozen=True)
 class BlockCost:
-    """Parameters of one KV group and one MLP channel of a block, and the block's others."""
+    """Parameters of one KV group, one MLP channel and the rest of a block, each split
+    into the part proportional to the hidden size (weights, norm scales, o / down biases)
+    and the part that is not (q / k / v / gate / up biases, per-head norms)."""
 
     group: int
     channel: int
-    fixed: int  # parameters that go only with the whole block (norms)
+    fixed: int
+    group_other: int
+    channel_other: int
+    fixed_other: int
+
+    def at(self, kv: torch.Tensor, channels: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        """Parameters with `kv` groups, `channels` channels and `hidden` as a share of D."""
+        scaled = self.fixed - self.fixed_other
+        scaled = scaled + kv * (self.group - self.group_other)
+        scaled = scaled + channels * (self.channel - self.channel_other)
+        rest = self.fixed_other + kv * self.group_other + channels * self.channel_other
+        return hidden * scaled + rest
+
+
+def block_cost(adapter: ModelAdapter, block: nn.Module) -> BlockCost:
+    """`BlockCost` of `block` from its current shapes."""
+    widths, costs = block_widths(adapter, block), block_costs(adapter, block)
+    other = {"group": 0, "channel": 0}
+    for role, where in structure_ids(adapter, block).items():
+        bias = getattr(adapter.linear(block, role), "bias", None)
+        if where.axis == 0 and bias is not None:
+            other["group" if role in ATTENTION else "channel"] += int((where.ids == 0).sum())
+    total = sum(p.numel() for p in block.parameters())
+    fixed = total - widths.kv_heads * costs.group - widths.intermediate * costs.channel
+    scaled = sum(adapter.norm(block, r).weight.numel() for r in adapter.spec.norms)
+    for role in OUTPUTS:
+        bias = getattr(adapter.linear(block, role), "bias", None)
+        scaled += 0 if bias is None else bias.numel()
+    return BlockCost(
+        costs.group, costs.channel, fixed, other["group"], other["channel"], fixed - scaled
+    )
 
 
 class ModelGates(nn.Module):
-    """Gates over every block's KV groups and MLP channels and over the blocks."""
+    """Gates over every block's KV groups and MLP channels, the blocks and the hidden
+    dimensions. `values` holds the gate values the hooks apply, per kind a list: one
+    tensor per block for kv / intermediate, one scalar per block for layers, and one
+    [hidden] tensor for hidden."""
 
     def __init__(self, adapter: ModelAdapter, keep: float = 0.95):
         super().__init__()
@@ -68,41 +110,59 @@ class ModelGates(nn.Module):
         self.intermediate = nn.ModuleList()
         self.costs: list[BlockCost] = []
         for block in adapter.blocks:
-            widths, costs = block_widths(adapter, block), block_costs(adapter, block)
+            widths = block_widths(adapter, block)
             self.kv.append(HardConcrete(widths.kv_heads, keep))
             self.intermediate.append(HardConcrete(widths.intermediate, keep))
-            total = sum(p.numel() for p in block.parameters())
-            fixed = total - widths.kv_heads * costs.group - widths.intermediate * costs.channel
-            self.costs.append(BlockCost(costs.group, costs.channel, fixed))
+            self.costs.append(block_cost(adapter, block))
         self.layers = HardConcrete(len(adapter.blocks), keep)
+        self.hidden = HardConcrete(adapter.hidden_size, keep)
         self.head_width = adapter.head_dim * (adapter.num_heads // adapter.num_kv_heads)
         self.values: dict[str, list[torch.Tensor]] = {}
 
+    def gates(self) -> dict[str, list[HardConcrete]]:
+        """Every kind's gate modules, per block for kv / intermediate."""
+        return {
+            "kv": list(self.kv),
+            "intermediate": list(self.intermediate),
+            "layers": [self.layers],
+            "hidden": [self.hidden],
+        }
+
+    def widths(self) -> dict[str, list[int]]:
+        """Gates per module of each kind."""
+        return {k: [len(g.log_alpha) for g in v] for k, v in self.gates().items()}
+
     def expected_counts(self) -> dict[str, torch.Tensor]:
-        """Expected kept KV groups [blocks], channels [blocks] and blocks (scalar)."""
+        """Expected kept KV groups [blocks], channels [blocks], blocks and hidden
+        dimensions (scalars)."""
         return {
             "kv": torch.stack([g.keep_probability().sum() for g in self.kv]),
             "intermediate": torch.stack([g.keep_probability().sum() for g in self.intermediate]),
             "layers": self.layers.keep_probability().sum(),
+            "hidden": self.hidden.keep_probability().sum(),
         }
 
     def expected_parameters(self) -> torch.Tensor:
-        """Expected decoder-block parameters: Σ_blocks P(block)·(fixed + E[groups]·group
-        + E[channels]·channel)."""
+        """Expected decoder-block parameters: Σ_blocks P(block)·cost(E[groups],
+        E[channels], E[hidden] / D) (LLM-Shearing's products of expected scores)."""
         counts, layer = self.expected_counts(), self.layers.keep_probability()
+        hidden = counts["hidden"] / len(self.hidden.log_alpha)
         total = torch.zeros(())
         for i, cost in enumerate(self.costs):
-            width = cost.fixed + counts["kv"][i] * cost.group
-            total = total + layer[i] * (width + counts["intermediate"][i] * cost.channel)
+            kept = cost.at(counts["kv"][i], counts["intermediate"][i], hidden)
+            total = total + layer[i] * kept
         return total
+
+    @staticmethod
+    def _as_values(kind: str, per_gate: list[torch.Tensor]) -> list[torch.Tensor]:
+        return list(per_gate[0].unbind()) if kind == "layers" else per_gate
 
     def deterministic_values(self) -> dict[str, list[torch.Tensor]]:
         """Test-time gate values of every kind (detached)."""
         with torch.no_grad():
             return {
-                "kv": [g.deterministic() for g in self.kv],
-                "intermediate": [g.deterministic() for g in self.intermediate],
-                "layers": list(self.layers.deterministic().unbind()),
+                k: self._as_values(k, [g.deterministic() for g in v])
+                for k, v in self.gates().items()
             }
 
     def draw(self, generator: torch.Generator | None) -> None:
@@ -113,14 +173,13 @@ class ModelGates(nn.Module):
             self.values = {k: [m.float() for m in v] for k, v in masks.items()}
             return
         self.values = {
-            "kv": [g.sample(generator) for g in self.kv],
-            "intermediate": [g.sample(generator) for g in self.intermediate],
-            "layers": list(self.layers.sample(generator).unbind()),
+            k: self._as_values(k, [g.sample(generator) for g in v]) for k, v in self.gates().items()
         }
 
     def binary_masks(self, targets: dict[str, int] | None = None) -> dict[str, list[torch.Tensor]]:
-        """Kept structures as booleans: per block the top-`targets[kind]` gates by log-odds
-        (Sheared LLaMA's final selection), or gates with P(z ≠ 0) > 0.5 without targets."""
+        """Kept structures as booleans: per block (model-wide for layers and hidden) the
+        top-`targets[kind]` gates by log-odds (Sheared LLaMA's final selection), or gates
+        with P(z ≠ 0) > 0.5 without targets."""
 
         def top(gates: HardConcrete, count: int | None) -> torch.Tensor:
             scores = gates.log_alpha.detach()
@@ -132,16 +191,18 @@ class ModelGates(nn.Module):
 
         targets = targets or {}
         return {
-            "kv": [top(g, targets.get("kv")) for g in self.kv],
-            "intermediate": [top(g, targets.get("intermediate")) for g in self.intermediate],
-            "layers": list(top(self.layers, targets.get("layers")).unbind()),
+            k: self._as_values(k, [top(g, targets.get(k)) for g in v])
+            for k, v in self.gates().items()
         }
 
     @contextmanager
-    def attached(self) -> Iterator[ModelGates]:
+    def attached(self, hidden: bool = False) -> Iterator[ModelGates]:
         """Hooks applying the current `values`: KV groups and channels scale the inputs of
-        o and down; a block gate z gives x + z·(block(x) − x)."""
+        o and down; a block gate z gives x + z·(block(x) − x); with `hidden`, the hidden
+        gates act as the module docstring says (RMS pre-norm models only)."""
         adapter, handles = self.adapter, []
+        if hidden:
+            check_rotatable(adapter)
 
         def scale(kind: str, index: int, repeat: int):
             def fn(module: nn.Module, args: tuple) -> tuple:
@@ -161,11 +222,34 @@ class ModelGates(nn.Module):
 
             return fn
 
+        def gate_output(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+            return output * self.values["hidden"][0].to(output.dtype)
+
+        def renormalise(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+            """RMS over the open coordinates: rescale by rms_all / rms_open, then gate."""
+            z = self.values["hidden"][0]
+            square = args[0].float().pow(2)
+            open_ = (z != 0).float()
+            eps = adapter.norm_eps(module)
+            every = square.mean(-1, keepdim=True)
+            kept = (square * open_).sum(-1, keepdim=True) / open_.sum().clamp(min=1)
+            ratio = torch.rsqrt(kept + eps) / torch.rsqrt(every + eps)
+            return (output.float() * ratio * z).to(output.dtype)
+
         for i, block in enumerate(adapter.blocks):
             o, down = adapter.linear(block, "o"), adapter.linear(block, "down")
             handles.append(o.register_forward_pre_hook(scale("kv", i, self.head_width)))
             handles.append(down.register_forward_pre_hook(scale("intermediate", i, 1)))
             handles.append(block.register_forward_hook(skip(i), with_kwargs=True))
+            if hidden:
+                handles += [m.register_forward_hook(gate_output) for m in (o, down)]
+                handles += [
+                    adapter.norm(block, r).register_forward_hook(renormalise)
+                    for r in adapter.spec.norms
+                ]
+        if hidden:
+            handles.append(adapter.embed.register_forward_hook(gate_output))
+            handles.append(adapter.final_norm.register_forward_hook(renormalise))
         try:
             yield self
         finally:

@@ -11,7 +11,6 @@ steps (its `lagrangian_warmup_steps`). The multipliers are maximised while the g
 minimised (the reference steps them with a negated learning rate; here their gradient is
 negated).
 Continued pre-training is a separate `prunekit heal` stage (e.g. in a recipe).
-Hidden-dimension masks are not learned here.
 """
 
 from __future__ import annotations
@@ -28,13 +27,9 @@ from prunekit.methods.learned.hard_concrete import ModelGates
 
 
 def expected_sparsities(gates: ModelGates) -> dict[str, torch.Tensor]:
-    """Per kind, the expected sparsity of each block ([blocks]; layers: [1])."""
+    """Per kind, the expected sparsity of each block ([blocks]; layers, hidden: [1])."""
     counts = gates.expected_counts()
-    widths = {
-        "kv": torch.tensor([float(len(g.log_alpha)) for g in gates.kv]),
-        "intermediate": torch.tensor([float(len(g.log_alpha)) for g in gates.intermediate]),
-        "layers": torch.tensor([float(len(gates.layers.log_alpha))]),
-    }
+    widths = {k: torch.tensor(v, dtype=torch.float32) for k, v in gates.widths().items()}
     return {k: 1 - counts[k].reshape(-1) / widths[k] for k in widths}
 
 
