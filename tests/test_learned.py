@@ -132,7 +132,7 @@ def test_lagrangian_training_ends_exactly_at_the_target(stories, stories_calib, 
 
 
 def test_lagrangian_training_reaches_a_hidden_target(stories, stories_calib, tmp_path):
-    config = ShearedLlama.Config(target="hidden:48,intermediate:128", steps=80, lr=0.2)
+    config = ShearedLlama.Config(target="hidden:48,intermediate:128", steps=80)
     method = ShearedLlama(config)
     details = method.run(stories, stories_calib[:8, :64], REQUEST)
     assert details["target"] == {"hidden": 48, "intermediate": 128}
@@ -143,7 +143,7 @@ def test_lagrangian_training_reaches_a_hidden_target(stories, stories_calib, tmp
         assert stories.adapter.norm(block, "mlp").weight.shape == (48,)
     assert stories.adapter.embed.weight.shape[1] == 48
     start = 64 * config.init_keep  # the multipliers pull the expected width to 48
-    assert abs(details["expected_counts_at_end"]["hidden"] - 48) < 0.5 * abs(start - 48)
+    assert abs(details["expected_counts_at_end"]["hidden"] - 48) < 0.75 * abs(start - 48)
     logits = _logits(stories.model)
     out = tmp_path / "sheared_hidden"
     save_pruned(stories, out, {"method": "sheared_llama"})
@@ -243,3 +243,16 @@ def test_hidden_cut_matches_masks_and_count_on_other_families(family):
         torch.testing.assert_close(lm.model(ids).logits, masked, rtol=1e-4, atol=1e-5)
     assert lm.model.config.hidden_size == 32 - 3
     assert expected == pytest.approx(decoder_parameters(lm.adapter), rel=1e-6)
+
+
+@pytest.mark.parametrize("weights_lr", [0.0, 1e-3])
+def test_weights_train_only_with_weights_lr(stories, stories_calib, weights_lr):
+    """Sheared LLaMA trains the model with its masks (the reference's main-parameter
+    group); weights_lr=0 keeps them frozen. Gates start clamped at ln 100."""
+    embed = stories.adapter.embed.weight.detach().clone()
+    config = ShearedLlama.Config(target="intermediate:160", steps=3, weights_lr=weights_lr)
+    method = ShearedLlama(config)
+    assert method.config.lr == 1.0
+    method.run(stories, stories_calib[:4, :32], REQUEST)
+    assert torch.equal(stories.adapter.embed.weight, embed) == (weights_lr == 0)
+    assert float(method.gates.layers.log_alpha.detach().max()) <= math.log(100) + 1e-6

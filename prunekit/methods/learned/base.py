@@ -4,7 +4,8 @@ A method trains hard-concrete gates (`hard_concrete.ModelGates`) over the constr
 kinds of structure on calibration windows, with whatever else it trains beside them
 (masked LoRA), under its own constraint term (`constraint`) and loss (`task_loss`); then
 each block keeps exactly the target's top structures by gate log-odds, a masked LoRA is
-merged, and the surgery cuts the rest. The model weights stay frozen.
+merged, and the surgery cuts the rest. The model weights stay frozen unless
+`weights_lr` > 0 (Sheared LLaMA trains them with the masks).
 
 The target shape is `--opt target=kv:2,intermediate:1024,layers:24,hidden:448` (any subset
 of kinds; kv and intermediate per block, layers and hidden for the model); without it
@@ -44,10 +45,13 @@ class LearnedConfig(MethodConfig):
     init_keep: float = 0.95  # initial P(gate != 0)
     lora_rank: int = 0  # masked LoRA on every linear, trained with the gates (0: none)
     lora_lr: float = 1e-4
+    weights_lr: float = 0.0  # every model weight trained with the gates at this lr (0: frozen)
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.lr <= 0 or not 0 < self.init_keep < 1 or self.lora_rank < 0:
             raise PrunekitError("steps >= 1, lr > 0, init_keep in (0, 1), lora_rank >= 0")
+        if self.weights_lr < 0:
+            raise PrunekitError(f"weights_lr must be >= 0, got {self.weights_lr}")
 
 
 def parse_target(text: str) -> dict[str, int]:
@@ -141,11 +145,16 @@ class LearnedMaskMethod(Method):
                 params[f"lora.{i}"] = p
                 lrs[f"lora.{i}"] = config.lora_lr
         self.lora = [params[k] for k in params if k.startswith("lora.")]
+        if config.weights_lr > 0:
+            for name, param in model.named_parameters():
+                params[f"weight.{name}"] = param
+                lrs[f"weight.{name}"] = config.weights_lr
         generator = torch.Generator().manual_seed(request.seed)
         batches = self.prepare_batches(lm, calib, request.batch_size)
         free = [kind for kind in KINDS if kind not in target]
 
         def loss_fn(step: int) -> torch.Tensor:
+            gates.constrain()
             gates.draw(generator)
             for kind in free:  # unconstrained kinds stay whole
                 gates.values[kind] = [torch.ones_like(v) for v in gates.values[kind]]

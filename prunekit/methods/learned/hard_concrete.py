@@ -29,6 +29,7 @@ from prunekit.surgery.rotate import check_rotatable
 from prunekit.surgery.width import block_widths
 
 BETA, GAMMA, ZETA = 2.0 / 3.0, -0.1, 1.1
+LOG_ALPHA_RANGE = (math.log(1e-2), math.log(1e2))  # the references' `constrain_parameters`
 KINDS = ("kv", "intermediate", "layers", "hidden")
 MODEL_WIDE = ("layers", "hidden")  # one set of gates for the model, not one per block
 
@@ -54,6 +55,17 @@ class HardConcrete(nn.Module):
     def keep_probability(self) -> torch.Tensor:
         """P(z ≠ 0) [n]: the expected L0 norm per gate."""
         return torch.sigmoid(self.log_alpha - BETA * math.log(-GAMMA / ZETA))
+
+    def constrain(self) -> None:
+        """Clamp the log-odds into `LOG_ALPHA_RANGE`, as LLM-Shearing and CoFi do before
+        every forward pass."""
+        with torch.no_grad():
+            self.log_alpha.clamp_(*LOG_ALPHA_RANGE)
+
+
+def keep_of(log_alpha: float) -> float:
+    """P(z ≠ 0) of a gate with log-odds `log_alpha`."""
+    return 1.0 / (1.0 + math.exp(-(log_alpha - BETA * math.log(-GAMMA / ZETA))))
 
 
 @dataclass(frozen=True)
@@ -131,6 +143,12 @@ class ModelGates(nn.Module):
     def widths(self) -> dict[str, list[int]]:
         """Gates per module of each kind."""
         return {k: [len(g.log_alpha) for g in v] for k, v in self.gates().items()}
+
+    def constrain(self) -> None:
+        """Clamp every gate's log-odds (once per training step, before sampling)."""
+        for gates in self.gates().values():
+            for gate in gates:
+                gate.constrain()
 
     def expected_counts(self) -> dict[str, torch.Tensor]:
         """Expected kept KV groups [blocks], channels [blocks], blocks and hidden

@@ -10,6 +10,10 @@ target sparsity rises linearly from 0 over the first `lagrangian_warmup` share o
 steps (its `lagrangian_warmup_steps`). The multipliers are maximised while the gates are
 minimised (the reference steps them with a negated learning rate; here their gradient is
 negated).
+The model weights are trained with the masks (AdamW at `weights_lr` 1e-4, gates and
+multipliers at `lr` 1.0: the reference's `lr` and `lag_lr`), and the gates start at the
+reference's log-odds (its init 5, clamped to ln 100 before the first forward). Its cosine
+schedule with warm-up and Adam's β₂ = 0.95 are not reproduced (constant rates, β₂ 0.999).
 Continued pre-training is a separate `prunekit heal` stage (e.g. in a recipe).
 """
 
@@ -23,7 +27,7 @@ from torch import nn
 from prunekit.errors import PrunekitError
 from prunekit.methods.base import register
 from prunekit.methods.learned.base import LearnedConfig, LearnedMaskMethod, widest
-from prunekit.methods.learned.hard_concrete import ModelGates
+from prunekit.methods.learned.hard_concrete import LOG_ALPHA_RANGE, ModelGates, keep_of
 
 
 def expected_sparsities(gates: ModelGates) -> dict[str, torch.Tensor]:
@@ -58,6 +62,9 @@ def warmed_target(
 @dataclass
 class ShearedConfig(LearnedConfig):
     lagrangian_warmup: float = 0.2  # share of the steps over which the target rises
+    lr: float = 1.0  # gates and multipliers (the reference's lag_lr)
+    weights_lr: float = 1e-4  # the model's weights (the reference's lr)
+    init_keep: float = keep_of(LOG_ALPHA_RANGE[1])
 
     def __post_init__(self) -> None:
         super().__post_init__()
