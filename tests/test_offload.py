@@ -181,3 +181,54 @@ def test_activations_in_file_backed_buffers_give_the_same_model(tmp_path):
     ours, theirs = _weights(tmp_path / "disk"), _weights(tmp_path / "memory")
     for name, tensor in theirs.items():
         assert torch.equal(ours[name], tensor), name
+
+
+@pytest.mark.parametrize(
+    ("method", "kw"),
+    [
+        ("flap", {"sparsity": 0.3}),  # global selection: blocks read twice
+        ("flap", {"sparsity": 0.3, "options": {"selection": "uniform"}}),
+        ("wanda_sp", {"sparsity": 0.3}),
+        ("magnitude_sp", {"sparsity": 0.3}),
+    ],
+)
+def test_streamed_width_pruning_equals_in_memory(tmp_path, method, kw):
+    """Width methods stream too: each block is read, scored, cut (FLAP adds its bias) and
+    written; the folder equals the in-memory one tensor for tensor, with the same kept
+    structures, and loads (per-layer widths through prunekit's modeling file)."""
+    record, streamed = _both(tmp_path, method, **kw)
+    assert streamed.details["kept"] == record.details["kept"]
+    ours, theirs = _weights(tmp_path / "disk"), _weights(tmp_path / "memory")
+    assert ours.keys() == theirs.keys()
+    for name, tensor in theirs.items():
+        assert torch.equal(ours[name], tensor), name
+    ids = torch.tensor([[1, 300, 200, 100]])
+    disk, memory = (
+        prunekit.load_model(str(tmp_path / "disk")),
+        prunekit.load_model(str(tmp_path / "memory")),
+    )
+    assert torch.equal(disk.model(ids).logits, memory.model(ids).logits)
+    saved = json.loads((tmp_path / "disk" / "prunekit.json").read_text())
+    assert (
+        saved["layout"] == json.loads((tmp_path / "memory" / "prunekit.json").read_text())["layout"]
+    )
+
+
+@pytest.mark.parametrize(("method", "kw"), [("shortgpt", {"sparsity": 0.4}), ("angular", {})])
+def test_streamed_depth_pruning_equals_in_memory(tmp_path, method, kw):
+    """Depth methods that score the blocks in one pass stream: the kept blocks are staged
+    under their new indices, and the folder equals the in-memory one."""
+    kw = kw or {"options": {"blocks": 2}}
+    record, streamed = _both(tmp_path, method, **kw)
+    assert streamed.details["removed_blocks"] == record.details["removed_blocks"]
+    assert len(streamed.details["removed_blocks"]) == 2
+    ours, theirs = _weights(tmp_path / "disk"), _weights(tmp_path / "memory")
+    assert ours.keys() == theirs.keys()
+    for name, tensor in theirs.items():
+        assert torch.equal(ours[name], tensor), name
+    assert streamed.layer_sparsity == record.layer_sparsity
+    ids = torch.tensor([[1, 300, 200, 100]])
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "disk")
+    memory = AutoModelForCausalLM.from_pretrained(tmp_path / "memory")
+    assert plain.config.num_hidden_layers == 3
+    assert torch.equal(plain(ids).logits, memory(ids).logits)

@@ -234,13 +234,12 @@ def save_pruned(
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(out)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
-    offloaded = lm.adapter.offload is not None
-    layout = "standard" if offloaded else layout_of(lm.model)
+    layout = layout_of(lm.model)  # from shapes: blocks streamed from disk are on meta
     try:
-        if offloaded:
-            write_offloaded(lm, tmp)
-        else:
-            with _config_for_saving(lm.adapter, layout):
+        with _config_for_saving(lm.adapter, layout):
+            if lm.adapter.offload is not None:
+                write_offloaded(lm, tmp)
+            else:
                 lm.model.save_pretrained(tmp)
         if layout == "per_layer":
             _write_modeling_file(tmp, standard_class(lm.model).__name__)

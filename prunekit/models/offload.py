@@ -124,20 +124,45 @@ class DiskBlocks:
         if _on_meta(block):
             return
         if keep:
-            state = {
-                f"{self.prefix}{index}.{k}": v.detach().contiguous()
-                for k, v in block.state_dict().items()
-            }
-            save_file(state, str(self.staged(index)))
+            self._stage(index, block.state_dict())
             self.counts[index] = {
-                path: (int((weight_matrix(m) == 0).sum()), weight_matrix(m).numel())
-                for path, m in self.adapter.linears(block).items()
+                path: _zeros(weight_matrix(m)) for path, m in self.adapter.linears(block).items()
             }
         block.to("meta")
+
+    def _stage(self, index: int, state: dict[str, torch.Tensor]) -> None:
+        """Write block `index`'s `state` (names inside the block) to its staged file."""
+        named = {f"{self.prefix}{index}.{k}": v.detach().contiguous() for k, v in state.items()}
+        tmp = self.staged(index).with_suffix(".tmp")
+        save_file(named, str(tmp))
+        tmp.replace(self.staged(index))
+
+    def renumber(self, kept: list[int]) -> None:
+        """After depth surgery: block j of the model is original block `kept[j]`. Stage
+        each under its new index, tensor names renamed, read from its staged file or the
+        checkpoint one block at a time; drop the staged files past the new depth."""
+        for new, old in enumerate(kept):
+            keys = list(self.adapter.blocks[new].state_dict())
+            names = [f"{self.prefix}{old}.{k}" for k in keys]
+            staged = self.staged(old)
+            files = dict.fromkeys(names, staged) if staged.is_file() else self.files
+            tensors = read_tensors(files, names)
+            state = {k: tensors[n] for k, n in zip(keys, names, strict=True)}
+            self._stage(new, state)
+            paths = self.adapter.linears(self.adapter.blocks[new])
+            self.counts[new] = {p: _zeros(state[f"{p}.weight"]) for p in paths}
+        for index in range(len(kept), max(kept, default=-1) + 1):
+            self.staged(index).unlink(missing_ok=True)
+            self.counts.pop(index, None)
 
     def missing(self) -> list[int]:
         """Blocks never staged (not pruned yet)."""
         return [i for i in range(len(self.adapter.blocks)) if not self.staged(i).is_file()]
+
+
+def _zeros(weight: torch.Tensor) -> tuple[int, int]:
+    """(zero entries, entries) of a weight."""
+    return int((weight == 0).sum()), weight.numel()
 
 
 def _on_meta(module: nn.Module) -> bool:

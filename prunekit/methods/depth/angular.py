@@ -74,6 +74,7 @@ class AngularDistance(DepthMethod):
     name = "angular"
     summary = "Gromov et al.: remove the contiguous run of k blocks with least angular change"
     Config = AngularConfig
+    streams = True  # one pass over the blocks in order
 
     def choose(
         self, lm: LoadedModel, calib: torch.Tensor, request: PruneRequest, k: int

@@ -69,7 +69,11 @@ class CalibrationPath:
 
     @torch.no_grad()
     def run_block(self, index: int, hidden: torch.Tensor) -> torch.Tensor:
-        """Original block `index` on `hidden` [n, L, H] (moved to the device meanwhile)."""
+        """Original block `index` on `hidden` [n, L, H] (moved to the device meanwhile;
+        read from disk and freed again when the model streams)."""
+        offload = self.lm.adapter.offload
+        if offload is not None:
+            offload.load(index)
         block = self.lm.adapter.blocks[index]
         home = next(block.parameters()).device
         block.to(self.device)
@@ -77,6 +81,8 @@ class CalibrationPath:
             return self.runner.run_block(index, hidden)
         finally:
             block.to(home)
+            if offload is not None:
+                offload.unload(index, keep=False)
 
     def run(self, indices: Sequence[int], hidden: torch.Tensor | None = None) -> torch.Tensor:
         """Blocks `indices` in order, from `hidden` (default: block 0's input)."""
@@ -178,6 +184,8 @@ class DepthMethod(Method):
             request.sparsity = k / num_blocks
         choice = self.choose(lm, calib, request, k) if k else DepthChoice([], [], "none")
         kept = remove_blocks(lm.adapter, choice.removed)
+        if lm.adapter.offload is not None:
+            lm.adapter.offload.renumber(kept)
         return {
             "num_blocks_before": num_blocks,
             "num_blocks_after": len(kept),

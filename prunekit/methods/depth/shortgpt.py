@@ -48,6 +48,7 @@ class ShortGPT(DepthMethod):
     name = "shortgpt"
     summary = "ShortGPT: remove the k blocks with the lowest Block Influence (1 - cos(in, out))"
     Config = ShortGPTConfig
+    streams = True  # one pass over the blocks in order
 
     def choose(
         self, lm: LoadedModel, calib: torch.Tensor, request: PruneRequest, k: int

@@ -20,6 +20,7 @@ Budget split, `selection` option:
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -119,6 +120,19 @@ def output_columns(adapter: ModelAdapter, block: nn.Module, fn) -> dict[str, tor
     }
 
 
+@contextmanager
+def on_disk_block(adapter: ModelAdapter, index: int, keep: bool) -> Iterator[None]:
+    """Block `index` in memory for the `with` body when the model streams from disk
+    (`--offload disk`), then freed; with `keep`, written (changed) to the staging folder
+    first. Nothing happens for a model in memory."""
+    offload = adapter.offload
+    if offload is not None:
+        offload.load(index)
+    yield
+    if offload is not None:
+        offload.unload(index, keep=keep)
+
+
 def check_reachable(method: str, sparsity: float, most: float, floor: str) -> None:
     """Refuse a decoder-parameter share `sparsity` beyond the `most` this model allows,
     naming the `floor` (what must stay) and the valid range."""
@@ -142,6 +156,10 @@ class StructuredMethod(Method):
     needs_roles: ClassVar[tuple[str, ...] | None] = None  # linears they are gathered on
     floor_groups: ClassVar[bool] = False  # floor (not round) the KV groups a block loses
     distributes = True
+    # scores come from one block's weights and statistics: with blocks on disk, uniform
+    # selection prunes each block as it is read; global selection reads the blocks twice
+    # (score, then apply)
+    streams = True
 
     def score(self, adapter: ModelAdapter, block: nn.Module, stats: BlockStats) -> BlockScores:
         raise NotImplementedError
@@ -167,7 +185,8 @@ class StructuredMethod(Method):
         adapter = lm.adapter
         if not self.needs:
             for index, block in enumerate(adapter.blocks):
-                yield index, block, self.score(adapter, block, {})
+                with on_disk_block(adapter, index, keep=not dense):
+                    yield index, block, self.score(adapter, block, {})
             return
         if calib is None:
             raise PrunekitError(f"method {self.name!r} needs calibration data")
@@ -178,6 +197,7 @@ class StructuredMethod(Method):
             batch_size=request.batch_size,
             propagate="dense" if dense else "pruned",
             compute_dtype=request.compute_dtype,
+            writes=not dense,
         )
         for ctx in runner:
             modules = None
@@ -252,9 +272,11 @@ class StructuredMethod(Method):
                 self._apply(adapter, block, scores.stats, plan)
                 plans[index] = plan
         else:
-            collected = list(self.block_scores(lm, calib, request, dense=True))
-            pool = [(i, b, s) for i, b, s in collected if targets[i] > 0]
-            normalised = [self.global_scores(adapter, b, s) for _, b, s in pool]
+            pool, normalised = [], []  # global scores read the weights: score in the pass
+            for index, block, scores in self.block_scores(lm, calib, request, dense=True):
+                if targets[index] > 0:
+                    pool.append((index, block, scores))
+                    normalised.append(self.global_scores(adapter, block, scores))
             chosen = plan_global(
                 [groups for groups, _ in normalised],
                 [channels for _, channels in normalised],
@@ -263,8 +285,13 @@ class StructuredMethod(Method):
                 removable,
             )
             for (index, block, scores), plan in zip(pool, chosen, strict=True):
-                self._apply(adapter, block, scores.stats, plan)
+                with on_disk_block(adapter, index, keep=True):
+                    self._apply(adapter, block, scores.stats, plan)
                 plans[index] = plan
+            for index in range(len(adapter.blocks)):  # blocks left whole are written too
+                if index not in plans:
+                    with on_disk_block(adapter, index, keep=True):
+                        pass
         update_config_widths(adapter)
         after = decoder_parameters(adapter)
         first, last = config.protected_ends(adapter.num_layers)

@@ -140,6 +140,7 @@ class LLMPruner(StructuredMethod):
     floor_groups = True  # the reference floors the number of pruned heads
     compute_dtypes = False  # its gradients are float32
     distributes = False  # its gradients come from the whole batch on one process
+    streams = False  # its gradients need the whole model
 
     def block_scores(
         self, lm: LoadedModel, calib: torch.Tensor | None, request: PruneRequest, dense: bool
