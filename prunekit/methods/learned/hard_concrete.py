@@ -15,7 +15,7 @@ and scales its output by the gates, so a closed gate removes a coordinate everyw
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from prunekit.models.adapter import ModelAdapter
+from prunekit.surgery.hooks import input_scale_hook, removed_after
 from prunekit.surgery.plan import ATTENTION, block_costs, structure_ids
 from prunekit.surgery.residual import OUTPUTS
 from prunekit.surgery.rotate import check_rotatable
@@ -222,13 +223,8 @@ class ModelGates(nn.Module):
         if hidden:
             check_rotatable(adapter)
 
-        def scale(kind: str, index: int, repeat: int):
-            def fn(module: nn.Module, args: tuple) -> tuple:
-                x = args[0]
-                gate = self.values[kind][index].repeat_interleave(repeat).to(x.dtype)
-                return (x * gate, *args[1:])
-
-            return fn
+        def scale(kind: str, index: int, repeat: int) -> Callable:
+            return input_scale_hook(lambda: self.values[kind][index], repeat)
 
         def skip(index: int):
             def fn(module: nn.Module, args: tuple, kwargs: dict, output):
@@ -268,8 +264,5 @@ class ModelGates(nn.Module):
         if hidden:
             handles.append(adapter.embed.register_forward_hook(gate_output))
             handles.append(adapter.final_norm.register_forward_hook(renormalise))
-        try:
+        with removed_after(handles):
             yield self
-        finally:
-            for handle in handles:
-                handle.remove()

@@ -41,6 +41,7 @@ from prunekit.errors import PrunekitError
 from prunekit.methods.base import register
 from prunekit.methods.unstructured.sparsegpt import SparseGPT, SparseGPTConfig, sparsegpt_prune
 from prunekit.models.adapter import get_path, set_weight_matrix, weight_matrix
+from prunekit.surgery.hooks import removed_after
 from prunekit.surgery.masks import Target
 
 if TYPE_CHECKING:
@@ -111,11 +112,8 @@ def capture_mlp(ctx: BlockContext, modules: dict[str, nn.Module]) -> Auxiliary:
         modules["gate"].register_forward_hook(hook(None, "s")),
         modules["down"].register_forward_hook(hook("p", "y")),
     ]
-    try:
+    with removed_after(handles):
         ctx.runner.sweep_block(ctx.index, ctx.inputs)
-    finally:
-        for h in handles:
-            h.remove()
     return Auxiliary(**{k: torch.cat(v).T.contiguous() for k, v in seen.items()})
 
 

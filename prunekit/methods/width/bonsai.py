@@ -41,6 +41,7 @@ from prunekit.methods.width.bonsai_regression import fit_l1, fit_ridge
 from prunekit.models.adapter import ModelAdapter, weight_matrix
 from prunekit.models.loading import LoadedModel
 from prunekit.progress import progress as tqdm
+from prunekit.surgery.hooks import input_scale_hook, removed_after
 from prunekit.surgery.plan import block_costs
 from prunekit.surgery.width import (
     block_widths,
@@ -130,26 +131,14 @@ class StructureMasks:
     @contextmanager
     def attached(self) -> Iterator[StructureMasks]:
         """Hooks that apply the masks while the context is open."""
-
-        def hook(mask: torch.Tensor, repeat: int):
-            def fn(module: nn.Module, args: tuple) -> tuple:
-                x = args[0]
-                scale = mask.repeat_interleave(repeat).to(device=x.device, dtype=x.dtype)
-                return (x * scale, *args[1:])
-
-            return fn
-
         handles = [
             _output_linear(self.adapter, part).register_forward_pre_hook(
-                hook(mask, self.head_width if part.kind == GROUP else 1)
+                input_scale_hook(lambda m=mask: m, self.head_width if part.kind == GROUP else 1)
             )
             for part, mask in zip(self.parts, self.masks, strict=True)
         ]
-        try:
+        with removed_after(handles):
             yield self
-        finally:
-            for handle in handles:
-                handle.remove()
 
 
 def prior_scores(
@@ -185,11 +174,8 @@ def prior_scores(
         _output_linear(adapter, part).register_forward_pre_hook(hook(i))
         for i, part in enumerate(parts)
     ]
-    try:
+    with removed_after(handles):
         window_nll(model, windows, batch_size, progress=False)
-    finally:
-        for handle in handles:
-            handle.remove()
     batches = -(-windows.shape[0] // batch_size)
     return [
         (total.cpu() / batches).view(part.size, -1).mean(1)
