@@ -102,7 +102,7 @@ def main() -> None:
         lines += [
             "",
             f"llama.cpp (llama-cpp-python, GGUF {args.quant}), batch 1, same prompt and "
-            "decode length; models GGUF cannot hold (FLAP's added biases) are left out:",
+            "decode length; models GGUF cannot hold are left out:",
             "",
             "| model | prefill tok/s | x dense | decode tok/s | x dense |",
             "|---|---|---|---|---|",

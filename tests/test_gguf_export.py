@@ -16,7 +16,9 @@ from transformers import (
 
 import prunekit
 from prunekit.data import load_text
-from prunekit.export.gguf import export_gguf
+from prunekit.export.gguf import block_shapes, export_gguf
+from prunekit.methods import PruneRequest, get_method
+from prunekit.surgery.width import update_config_widths
 from prunekit.models.families import adapter_for
 from prunekit.models.loading import LoadedModel
 
@@ -96,9 +98,6 @@ def test_refusals(tokenizer, tmp_path, stories):
         export_gguf(lm, tmp_path / "x.gguf", "q4_k_m")
     with pytest.raises(prunekit.PrunekitError, match="byte fallback"):
         export_gguf(stories, tmp_path / "x.gguf", "f32")
-    prunekit.prune(stories, "flap", sparsity=0.3, calib="tinystories", nsamples=2, seqlen=32)
-    with pytest.raises(prunekit.PrunekitError):
-        export_gguf(stories, tmp_path / "x.gguf", "f32")
     assert not list(tmp_path.glob("*x.gguf*"))
 
 
@@ -135,3 +134,42 @@ def test_speed_in_llamacpp(tokenizer, tmp_path):
 
     row = json.loads(out.read_text())["speed"]["model"]["batch 1"]
     assert row["prefill_tok_s"]["median"] > 0 and row["decode_tok_s"]["median"] > 0
+
+
+def _llamacpp_logits(path, ids: torch.Tensor) -> torch.Tensor:
+    """Logits [L, vocab] of llama.cpp at every position of `ids` [1, L]."""
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(path), n_ctx=64, logits_all=True, verbose=False, n_threads=1)
+    llm.eval(ids[0].tolist())
+    return torch.tensor(llm.scores[: ids.shape[1]], dtype=torch.float32)
+
+
+@pytest.mark.parametrize("selection, arch", [("global", "deci"), ("uniform", "llama")])
+def test_flap_pruned_models_run_in_llamacpp(tokenizer, tmp_path, selection, arch):
+    """FLAP with global selection leaves different KV heads and MLP widths per block: the
+    export writes llama.cpp's `deci` architecture with per-block arrays. Uniform selection
+    stays `llama`. Both carry FLAP's o / down bias compensation, and llama.cpp computes
+    the transformers model's logits."""
+    pytest.importorskip("llama_cpp")
+    import gguf
+
+    lm = _tiny(tokenizer, seed=2)
+    ids = torch.randint(2, 300, (8, 32), generator=torch.Generator().manual_seed(1))
+    flap = get_method("flap")
+    flap(flap.Config(selection=selection)).run(lm, ids, PruneRequest(sparsity=0.4))
+    update_config_widths(lm.adapter)
+    shapes = block_shapes(lm)
+    uniform = all(len(set(v)) == 1 for v in shapes.values())
+    assert uniform == (arch == "llama")
+    path = export_gguf(lm, tmp_path / "flap.gguf", "f32")
+    reader = gguf.GGUFReader(str(path))
+    assert bytes(reader.fields["general.architecture"].parts[-1]).decode() == arch
+    assert any(t.name.endswith((".attn_output.bias", ".ffn_down.bias")) for t in reader.tensors)
+    counts = reader.fields[f"{arch}.attention.head_count_kv"]
+    assert [int(counts.parts[i][0]) for i in counts.data] == (
+        shapes["kv_heads"][:1] if uniform else shapes["kv_heads"]
+    )
+    with torch.no_grad():
+        expected = lm.model(IDS).logits[0]
+    torch.testing.assert_close(_llamacpp_logits(path, IDS), expected, atol=1e-3, rtol=1e-3)

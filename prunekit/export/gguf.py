@@ -6,8 +6,10 @@ ffn_gate, ffn_up, ffn_down}`, `output_norm`, `output` (omitted when tied), the q
 rows permuted from Hugging Face's rotary layout to llama.cpp's, and the hyper-parameters
 under `llama.*`. The tokenizer is written as a GPT-2 style byte-level BPE (`tokenizer.ggml.
 model = gpt2`: tokens, token types, merges, special ids). A depth-pruned model is simply
-a model with fewer blocks; widths must be the same in every block (GGUF's Llama metadata
-holds one head count and one feed-forward length).
+a model with fewer blocks. A width-pruned model with different widths per block is
+written as llama.cpp's `deci` architecture (the Llama layout of Nemotron's NAS models),
+whose head counts and feed-forward lengths are per-block arrays; its tensors are named
+as Llama's and each block's q / k rows are permuted with that block's head counts.
 
 Weights: `f32`, `f16`, `bf16` or `q8_0` (norms stay float32, as the converter keeps them).
 """
@@ -37,22 +39,27 @@ ROLES = {
 }
 
 
+BIASED = ("o", "down")  # llama.cpp reads optional attn_output / ffn_down biases
+
+
 def check_exportable(lm: LoadedModel, quant: str) -> None:
-    """One-line refusals: not Llama, per-layer widths, biases, an unknown quant."""
+    """One-line refusals: not Llama, biases other than o / down, low-rank factors, an
+    unknown quant."""
     if quant not in QUANTS:
         raise PrunekitError(f"unknown --quant {quant!r}; valid: {', '.join(QUANTS)}")
     config = lm.model.config
     if config.model_type != "llama":
         raise PrunekitError(f"GGUF export covers Llama models; this is {config.model_type}")
-    if getattr(config, "prunekit_layer_widths", None) or hasattr(config, "prunekit_layers"):
-        raise PrunekitError(
-            "GGUF's Llama metadata holds one width for every block; this model has per-layer "
-            "widths (export a depth-pruned or uniformly pruned model)"
-        )
     for block in lm.adapter.blocks:
-        for module in lm.adapter.linears(block).values():
-            if getattr(module, "bias", None) is not None or not isinstance(module, torch.nn.Linear):
-                raise PrunekitError("GGUF export needs plain bias-free linears in every block")
+        for role in ROLES:
+            module = lm.adapter.linear(block, role)
+            if not isinstance(module, torch.nn.Linear):
+                raise PrunekitError("GGUF export needs plain linears (no low-rank factors)")
+            if module.bias is not None and role not in BIASED:
+                raise PrunekitError(
+                    f"GGUF export writes biases on o and down only (FLAP's compensation); "
+                    f"this model has a {role} bias"
+                )
     rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
     if rope.get("rope_type", "default") != "default":
         raise PrunekitError(
@@ -130,26 +137,40 @@ def _tokenizer(writer, tokenizer) -> None:
     writer.add_add_bos_token(False)
 
 
+def block_shapes(lm: LoadedModel) -> dict[str, list[int]]:
+    """Per block: query heads, KV heads and feed-forward length, from the weights."""
+    adapter, hd = lm.adapter, lm.adapter.head_dim
+    return {
+        "heads": [adapter.linear(b, "q").weight.shape[0] // hd for b in adapter.blocks],
+        "kv_heads": [adapter.linear(b, "k").weight.shape[0] // hd for b in adapter.blocks],
+        "ffn": [adapter.linear(b, "up").weight.shape[0] for b in adapter.blocks],
+    }
+
+
 def export_gguf(lm: LoadedModel, out: str | Path, quant: str = "f16") -> Path:
-    """Write `lm` as a GGUF file at `out` (atomically: a temporary name, then renamed)."""
+    """Write `lm` as a GGUF file at `out` (atomically: a temporary name, then renamed):
+    architecture `llama` when every block has the same widths, else `deci`."""
     import gguf
 
     check_exportable(lm, quant)
     out = Path(out)
     config, adapter = lm.model.config, lm.adapter
+    shapes = block_shapes(lm)
+    uniform = all(len(set(values)) == 1 for values in shapes.values())
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    writer = gguf.GGUFWriter(str(tmp), "llama")
+    writer = gguf.GGUFWriter(str(tmp), "llama" if uniform else "deci")
     try:
-        block0 = adapter.blocks[0]
-        heads = adapter.linear(block0, "q").weight.shape[0] // adapter.head_dim
-        kv_heads = adapter.linear(block0, "k").weight.shape[0] // adapter.head_dim
+
+        def widths(kind: str) -> int | list[int]:
+            return shapes[kind][0] if uniform else shapes[kind]
+
         writer.add_name(Path(str(lm.source)).name or "prunekit")
         writer.add_block_count(len(adapter.blocks))
         writer.add_context_length(int(config.max_position_embeddings))
         writer.add_embedding_length(int(config.hidden_size))
-        writer.add_feed_forward_length(int(adapter.linear(block0, "up").weight.shape[0]))
-        writer.add_head_count(heads)
-        writer.add_head_count_kv(kv_heads)
+        writer.add_feed_forward_length(widths("ffn"))
+        writer.add_head_count(widths("heads"))
+        writer.add_head_count_kv(widths("kv_heads"))
         writer.add_rope_dimension_count(int(adapter.head_dim))
         writer.add_key_length(int(adapter.head_dim))
         writer.add_value_length(int(adapter.head_dim))
@@ -165,17 +186,19 @@ def export_gguf(lm: LoadedModel, out: str | Path, quant: str = "f16") -> Path:
             tensors[f"blk.{i}.ffn_norm.weight"] = block.post_attention_layernorm.weight
             for role, name in ROLES.items():
                 weight = adapter.linear(block, role).weight.detach().float()
-                if role == "q":
-                    weight = torch.from_numpy(permute_rotary(weight.numpy(), heads))
-                elif role == "k":
-                    weight = torch.from_numpy(permute_rotary(weight.numpy(), kv_heads))
+                if role in ("q", "k"):
+                    count = shapes["heads" if role == "q" else "kv_heads"][i]
+                    weight = torch.from_numpy(permute_rotary(weight.numpy(), count))
                 tensors[f"blk.{i}.{name}.weight"] = weight
+                bias = adapter.linear(block, role).bias
+                if bias is not None:
+                    tensors[f"blk.{i}.{name}.bias"] = bias
         tensors["output_norm.weight"] = model.model.norm.weight
         head = model.get_output_embeddings().weight
         if not getattr(config, "tie_word_embeddings", False):
             tensors["output.weight"] = head
         for name, weight in tensors.items():
-            data, raw = _tensor(weight, "f32" if "norm" in name else quant)
+            data, raw = _tensor(weight, "f32" if "norm" in name or "bias" in name else quant)
             if raw is None:
                 writer.add_tensor(name, data)
             else:
