@@ -18,9 +18,9 @@ import prunekit
 from prunekit.data import load_text
 from prunekit.export.gguf import block_shapes, export_gguf
 from prunekit.methods import PruneRequest, get_method
-from prunekit.surgery.width import update_config_widths
 from prunekit.models.families import adapter_for
 from prunekit.models.loading import LoadedModel
+from prunekit.surgery.width import update_config_widths
 
 
 @pytest.fixture(scope="module")
