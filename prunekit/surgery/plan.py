@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from prunekit.models.adapter import ModelAdapter, weight_matrix
+from prunekit.surgery.residual import OUTPUTS
 from prunekit.surgery.width import block_widths
 
 ATTENTION = ("q", "k", "v", "qkv", "o")
@@ -225,3 +226,44 @@ def plan_global(
         )
         for gs, cs, gone in zip(group_scores, channel_scores, removed, strict=True)
     ]
+
+
+@dataclass(frozen=True)
+class BlockCost:
+    """Parameters of one KV group, one MLP channel and the rest of a block, each split
+    into the part proportional to the hidden size (weights, norm scales, o / down biases)
+    and the part that is not (q / k / v / gate / up biases, per-head norms)."""
+
+    group: int
+    channel: int
+    fixed: int
+    group_other: int
+    channel_other: int
+    fixed_other: int
+
+    def at(self, kv: torch.Tensor, channels: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        """Parameters with `kv` groups, `channels` channels and `hidden` as a share of D."""
+        scaled = self.fixed - self.fixed_other
+        scaled = scaled + kv * (self.group - self.group_other)
+        scaled = scaled + channels * (self.channel - self.channel_other)
+        rest = self.fixed_other + kv * self.group_other + channels * self.channel_other
+        return hidden * scaled + rest
+
+
+def block_cost(adapter: ModelAdapter, block: nn.Module) -> BlockCost:
+    """`BlockCost` of `block` from its current shapes."""
+    widths, costs = block_widths(adapter, block), block_costs(adapter, block)
+    other = {"group": 0, "channel": 0}
+    for role, where in structure_ids(adapter, block).items():
+        bias = getattr(adapter.linear(block, role), "bias", None)
+        if where.axis == 0 and bias is not None:
+            other["group" if role in ATTENTION else "channel"] += int((where.ids == 0).sum())
+    total = sum(p.numel() for p in block.parameters())
+    fixed = total - widths.kv_heads * costs.group - widths.intermediate * costs.channel
+    scaled = sum(adapter.norm(block, r).weight.numel() for r in adapter.spec.norms)
+    for role in OUTPUTS:
+        bias = getattr(adapter.linear(block, role), "bias", None)
+        scaled += 0 if bias is None else bias.numel()
+    return BlockCost(
+        costs.group, costs.channel, fixed, other["group"], other["channel"], fixed - scaled
+    )

@@ -7,26 +7,21 @@ A gate with log-odds `a` samples z = clamp(sigmoid((log u − log(1 − u) + a) 
 probability of being nonzero, 1 − Q(0) = sigmoid(a − β·log(−γ / ζ)), is the expected L0.
 The expected parameter count is a differentiable function of these probabilities.
 
-Hidden gates act as LLM-Shearing's `hidden_z`: they scale the embedding output and every
-o / down output, and each RMS norm averages over the coordinates whose gate is nonzero
-and scales its output by the gates, so a closed gate removes a coordinate everywhere.
+The gate values act on the model through `surgery.hooks.StructureScales`.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from prunekit.models.adapter import ModelAdapter
-from prunekit.surgery.hooks import input_scale_hook, removed_after
-from prunekit.surgery.plan import ATTENTION, block_costs, structure_ids
-from prunekit.surgery.residual import OUTPUTS
-from prunekit.surgery.rotate import check_rotatable
+from prunekit.surgery.hooks import StructureScales
+from prunekit.surgery.plan import BlockCost, block_cost
 from prunekit.surgery.width import block_widths
 
 BETA, GAMMA, ZETA = 2.0 / 3.0, -0.1, 1.1
@@ -69,47 +64,6 @@ def keep_of(log_alpha: float) -> float:
     return 1.0 / (1.0 + math.exp(-(log_alpha - BETA * math.log(-GAMMA / ZETA))))
 
 
-@dataclass(frozen=True)
-class BlockCost:
-    """Parameters of one KV group, one MLP channel and the rest of a block, each split
-    into the part proportional to the hidden size (weights, norm scales, o / down biases)
-    and the part that is not (q / k / v / gate / up biases, per-head norms)."""
-
-    group: int
-    channel: int
-    fixed: int
-    group_other: int
-    channel_other: int
-    fixed_other: int
-
-    def at(self, kv: torch.Tensor, channels: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-        """Parameters with `kv` groups, `channels` channels and `hidden` as a share of D."""
-        scaled = self.fixed - self.fixed_other
-        scaled = scaled + kv * (self.group - self.group_other)
-        scaled = scaled + channels * (self.channel - self.channel_other)
-        rest = self.fixed_other + kv * self.group_other + channels * self.channel_other
-        return hidden * scaled + rest
-
-
-def block_cost(adapter: ModelAdapter, block: nn.Module) -> BlockCost:
-    """`BlockCost` of `block` from its current shapes."""
-    widths, costs = block_widths(adapter, block), block_costs(adapter, block)
-    other = {"group": 0, "channel": 0}
-    for role, where in structure_ids(adapter, block).items():
-        bias = getattr(adapter.linear(block, role), "bias", None)
-        if where.axis == 0 and bias is not None:
-            other["group" if role in ATTENTION else "channel"] += int((where.ids == 0).sum())
-    total = sum(p.numel() for p in block.parameters())
-    fixed = total - widths.kv_heads * costs.group - widths.intermediate * costs.channel
-    scaled = sum(adapter.norm(block, r).weight.numel() for r in adapter.spec.norms)
-    for role in OUTPUTS:
-        bias = getattr(adapter.linear(block, role), "bias", None)
-        scaled += 0 if bias is None else bias.numel()
-    return BlockCost(
-        costs.group, costs.channel, fixed, other["group"], other["channel"], fixed - scaled
-    )
-
-
 class ModelGates(nn.Module):
     """Gates over every block's KV groups and MLP channels, the blocks and the hidden
     dimensions. `values` holds the gate values the hooks apply, per kind a list: one
@@ -129,8 +83,7 @@ class ModelGates(nn.Module):
             self.costs.append(block_cost(adapter, block))
         self.layers = HardConcrete(len(adapter.blocks), keep)
         self.hidden = HardConcrete(adapter.hidden_size, keep)
-        self.head_width = adapter.head_dim * (adapter.num_heads // adapter.num_kv_heads)
-        self.values: dict[str, list[torch.Tensor]] = {}
+        self.scales = StructureScales(adapter)
 
     def gates(self) -> dict[str, list[HardConcrete]]:
         """Every kind's gate modules, per block for kv / intermediate."""
@@ -216,53 +169,15 @@ class ModelGates(nn.Module):
 
     @contextmanager
     def attached(self, hidden: bool = False) -> Iterator[ModelGates]:
-        """Hooks applying the current `values`: KV groups and channels scale the inputs of
-        o and down; a block gate z gives x + z·(block(x) − x); with `hidden`, the hidden
-        gates act as the module docstring says (RMS pre-norm models only)."""
-        adapter, handles = self.adapter, []
-        if hidden:
-            check_rotatable(adapter)
-
-        def scale(kind: str, index: int, repeat: int) -> Callable:
-            return input_scale_hook(lambda: self.values[kind][index], repeat)
-
-        def skip(index: int):
-            def fn(module: nn.Module, args: tuple, kwargs: dict, output):
-                x = args[0] if args else kwargs["hidden_states"]
-                z = self.values["layers"][index].to(x.dtype)
-                out = output[0] if isinstance(output, tuple) else output
-                mixed = x + z * (out - x)
-                return (mixed, *output[1:]) if isinstance(output, tuple) else mixed
-
-            return fn
-
-        def gate_output(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-            return output * self.values["hidden"][0].to(output.dtype)
-
-        def renormalise(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-            """RMS over the open coordinates: rescale by rms_all / rms_open, then gate."""
-            z = self.values["hidden"][0]
-            square = args[0].float().pow(2)
-            open_ = (z != 0).float()
-            eps = adapter.norm_eps(module)
-            every = square.mean(-1, keepdim=True)
-            kept = (square * open_).sum(-1, keepdim=True) / open_.sum().clamp(min=1)
-            ratio = torch.rsqrt(kept + eps) / torch.rsqrt(every + eps)
-            return (output.float() * ratio * z).to(output.dtype)
-
-        for i, block in enumerate(adapter.blocks):
-            o, down = adapter.linear(block, "o"), adapter.linear(block, "down")
-            handles.append(o.register_forward_pre_hook(scale("kv", i, self.head_width)))
-            handles.append(down.register_forward_pre_hook(scale("intermediate", i, 1)))
-            handles.append(block.register_forward_hook(skip(i), with_kwargs=True))
-            if hidden:
-                handles += [m.register_forward_hook(gate_output) for m in (o, down)]
-                handles += [
-                    adapter.norm(block, r).register_forward_hook(renormalise)
-                    for r in adapter.spec.norms
-                ]
-        if hidden:
-            handles.append(adapter.embed.register_forward_hook(gate_output))
-            handles.append(adapter.final_norm.register_forward_hook(renormalise))
-        with removed_after(handles):
+        """The hooks of `StructureScales` applying the current `values` (hidden gates
+        only with `hidden`)."""
+        with self.scales.attached(hidden):
             yield self
+
+    @property
+    def values(self) -> dict[str, list[torch.Tensor]]:
+        return self.scales.values
+
+    @values.setter
+    def values(self, values: dict[str, list[torch.Tensor]]) -> None:
+        self.scales.values = values
