@@ -73,13 +73,14 @@ def train(
     after_step: Callable[[], None] | None = None,
     lrs: dict[str, float] | None = None,
     extra: tuple[Callable[[], dict], Callable[[dict], None]] | None = None,
+    desc: str = "heal",
 ) -> dict:
     """Run steps `0..steps-1` of `loss_fn(step)` (a scalar to minimise) over `params`,
     resuming from `checkpoint/checkpoint.pt` when it exists and its `fingerprint` (the
     run's settings) matches. `lrs` gives some parameters their own peak learning rate
     (default `settings.lr`). `extra` = (state, restore) saves and restores the caller's
-    own state (e.g. a data mixture) with each checkpoint. Returns losses per step,
-    seconds and the step resumed from."""
+    own state (e.g. a data mixture) with each checkpoint; `desc` labels the progress bar.
+    Returns losses per step, seconds and the step resumed from."""
     groups: dict[float, list[nn.Parameter]] = {}
     for name, param in params.items():
         param.requires_grad_(True)
@@ -131,7 +132,7 @@ def train(
             )
 
     began = time.perf_counter()
-    bar = tqdm(total=settings.steps, initial=start, desc="heal", leave=False)
+    bar = tqdm(total=settings.steps, initial=start, desc=desc, leave=False)
     step = start
     try:
         for step in range(start, settings.steps):

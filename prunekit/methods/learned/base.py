@@ -166,7 +166,8 @@ class LearnedMaskMethod(Method):
             steps=config.steps, lr=config.lr, schedule="constant", grad_clip=0.0, save_every=0
         )
         with gates.attached(hidden="hidden" in target):
-            stats = train(params, loss_fn, settings, request.batch_size * calib.shape[1], lrs=lrs)
+            tokens = request.batch_size * calib.shape[1]
+            stats = train(params, loss_fn, settings, tokens, lrs=lrs, desc=self.name)
         model.eval()
         for param in params.values():
             param.requires_grad_(False)

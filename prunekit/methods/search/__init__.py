@@ -1,0 +1,1 @@
+"""Search-based structural pruning: sub-networks of a weight-sharing super-network."""
