@@ -250,7 +250,7 @@ class NAS(Method):
             "space": config.space,
             "kinds": kinds,
             "fine_tune_loss": {"first": losses[0], "last": losses[-1]} if losses else None,
-            "evaluated": len(scored),
+            "searched": [[p["parameters"], round(p["nll"], 6)] for p in scored],
             "pareto_front": [
                 {**p, "nll": round(p["nll"], 6), "removed": round(1 - p["parameters"] / before, 6)}
                 for p in front
