@@ -62,30 +62,42 @@ def speed(dense, pruned, ids: torch.Tensor, new_tokens: int, repeats: int) -> di
 def markdown(payload: dict) -> str:
     a = payload["args"]
     datasets = a["datasets"].split(",")
+    timed = not a.get("no_speed")
+    speed_note = (
+        f"speed: batch 1, {a['prompt']}-token prefill, {a['new_tokens']} decode tokens with KV "
+        f"cache, {a['repeats']} interleaved repeats, medians"
+        if timed
+        else "no speed columns (see the speed benchmark)"
+    )
     lines = [
         f"Model {a['model']}; calibration {a['nsamples']} x {a['seqlen']} tokens of WikiText-2 "
         f"valid; perplexity on the first {a['eval_limit'] or 'all'} windows of "
-        f"{a['eval_seqlen']} tokens of each test set; speed: batch 1, {a['prompt']}-token "
-        f"prefill, {a['new_tokens']} decode tokens with KV cache, {a['repeats']} interleaved "
-        f"repeats, medians, {a['threads']} threads.",
+        f"{a['eval_seqlen']} tokens of each test set (reference protocol); {speed_note}; "
+        f"{a['threads']} threads.",
         "",
         "| method | removed (decoder) | params | "
         + " | ".join(f"{d} ppl" for d in datasets)
-        + " | prefill tok/s (x dense) | decode tok/s (x dense) | prune s |",
-        "|---|---|---|" + "---|" * len(datasets) + "---|---|---|",
+        + (" | prefill tok/s (x dense) | decode tok/s (x dense)" if timed else "")
+        + " | prune s |",
+        "|---|---|---|" + "---|" * len(datasets) + ("---|---|" if timed else "") + "---|",
     ]
     d = payload["dense"]
     ppl = " | ".join(f"{d[name]:.2f}" if name in d else "-" for name in datasets)
-    lines.append(f"| dense | 0 | {d['parameters'] / 1e6:.3f}M | {ppl} | - | - | - |")
+    lines.append(
+        f"| dense | 0 | {d['parameters'] / 1e6:.3f}M | {ppl} | " + ("- | - | " if timed else "") + "- |"
+    )
     for r in payload["runs"]:
-        s = r["speed"]
         ppl = " | ".join(f"{r[name]:.2f}" for name in datasets)
+        speeds = ""
+        if timed:
+            s = r["speed"]
+            speeds = (
+                f"| {s['pruned']['prefill_tok_s']:.0f} ({s['prefill_speedup']:.2f}x) "
+                f"| {s['pruned']['decode_tok_s']:.1f} ({s['decode_speedup']:.2f}x) "
+            )
         lines.append(
             f"| {r['method']} | {r['decoder_share_removed']:.3f} (target {r['sparsity']}) "
-            f"| {r['parameters'] / 1e6:.3f}M | {ppl} "
-            f"| {s['pruned']['prefill_tok_s']:.0f} ({s['prefill_speedup']:.2f}x) "
-            f"| {s['pruned']['decode_tok_s']:.1f} ({s['decode_speedup']:.2f}x) "
-            f"| {r['prune_s']:.0f} |"
+            f"| {r['parameters'] / 1e6:.3f}M | {ppl} {speeds}| {r['prune_s']:.0f} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -124,6 +136,9 @@ def main() -> None:
     parser.add_argument("--name", default="structured")
     parser.add_argument("--no-dense-eval", action="store_true", help="shards after the first")
     parser.add_argument("--merge", default="", help="combine these result names into --name")
+    parser.add_argument(
+        "--no-speed", action="store_true", help="perplexity only (speed needs an idle machine)"
+    )
     args = parser.parse_args()
     if args.merge:
         merge(args.merge.split(","), args.name)
@@ -173,8 +188,9 @@ def main() -> None:
                 "prune_s": prune_s,
                 **{name: ppl[name]["perplexity"] for name in datasets},
                 "evaluation": ppl,
-                "speed": speed(dense.model, lm.model, prompt, args.new_tokens, args.repeats),
             }
+            if not args.no_speed:
+                run["speed"] = speed(dense.model, lm.model, prompt, args.new_tokens, args.repeats)
             payload["runs"].append(run)
             print(json.dumps({k: v for k, v in run.items() if k != "evaluation"}), flush=True)
             write(payload, args.name)
