@@ -83,9 +83,8 @@ def markdown(payload: dict) -> str:
     ]
     d = payload["dense"]
     ppl = " | ".join(f"{d[name]:.2f}" if name in d else "-" for name in datasets)
-    lines.append(
-        f"| dense | 0 | {d['parameters'] / 1e6:.3f}M | {ppl} | " + ("- | - | " if timed else "") + "- |"
-    )
+    dashes = "- | - | - |" if timed else "- |"
+    lines.append(f"| dense | 0 | {d['parameters'] / 1e6:.3f}M | {ppl} | {dashes}")
     for r in payload["runs"]:
         ppl = " | ".join(f"{r[name]:.2f}" for name in datasets)
         speeds = ""
