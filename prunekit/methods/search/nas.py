@@ -262,6 +262,17 @@ class NAS(Method):
             "decoder_share_removed": round(1 - after / before, 6),
         }
 
+    def outcome(self, details: dict) -> str:
+        front, before = details["pareto_front"], details["decoder_parameters_before"]
+        points = ", ".join(
+            f"{i}: {1 - p['removed']:.0%} kept / NLL {p['nll']:.3f}" for i, p in enumerate(front)
+        )
+        return (
+            f"{super().outcome(details)}; Pareto front of {len(front)} points ({points}); "
+            f"exported point {details['chosen']} (--opt point=i exports another; "
+            f"{before:,} decoder parameters dense)"
+        )
+
     def _pick(self, front: list[dict], before: int, sparsity: float) -> dict:
         """The configured point of the front."""
         if self.config.point >= 0:
