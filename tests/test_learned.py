@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 import prunekit
 from prunekit.export.folder import save_pruned
 from prunekit.methods.base import PruneRequest
-from prunekit.methods.learned.base import cut, parse_target
+from prunekit.methods.learned.base import cut, fold, parse_target
 from prunekit.methods.learned.compresso import Compresso
 from prunekit.methods.learned.hard_concrete import BETA, GAMMA, ZETA, HardConcrete, ModelGates
 from prunekit.methods.learned.nuteprune import NutePrune
@@ -256,3 +256,50 @@ def test_weights_train_only_with_weights_lr(stories, stories_calib, weights_lr):
     method.run(stories, stories_calib[:4, :32], REQUEST)
     assert torch.equal(stories.adapter.embed.weight, embed) == (weights_lr == 0)
     assert float(method.gates.layers.log_alpha.detach().max()) <= math.log(100) + 1e-6
+
+
+def test_folded_soft_gates_give_the_gated_model(stories):
+    """LLM-Shearing's deterministic gates sigmoid(a / β · 0.8) on the kept structures,
+    folded into the weights before the cut, give the model the hooks compute with those
+    values; a block gate scales that block's o and down."""
+    gates = ModelGates(stories.adapter)
+    with torch.no_grad():
+        for g in (*gates.kv, *gates.intermediate, gates.layers, gates.hidden):
+            g.log_alpha.copy_(torch.linspace(-1.0, 4.0, g.log_alpha.numel()))
+    target = {"kv": 3, "intermediate": 120, "hidden": 50}
+    masks = gates.binary_masks(target)
+    soft = gates.soft_values(masks)
+    expected_kv = torch.sigmoid(gates.kv[0].log_alpha.detach() / BETA * 0.8) * masks["kv"][0]
+    torch.testing.assert_close(soft["kv"][0], expected_kv)
+    gates.values = {**soft, "layers": [torch.ones(())] * 5}
+    with gates.attached(hidden=True):
+        gated = _logits(stories.model)
+    fold(stories.adapter, soft, list(target))
+    cut(stories, masks)
+    torch.testing.assert_close(_logits(stories.model), gated, rtol=1e-4, atol=1e-5)
+    block = stories.adapter.blocks[1]
+    o, down = (stories.adapter.linear(block, r).weight.detach().clone() for r in ("o", "down"))
+    values = {"layers": [torch.tensor(0.7)] * len(stories.adapter.blocks)}
+    fold(stories.adapter, values, ["layers"])
+    torch.testing.assert_close(stories.adapter.linear(block, "o").weight, 0.7 * o)
+    torch.testing.assert_close(stories.adapter.linear(block, "down").weight, 0.7 * down)
+
+
+def test_folded_hidden_gates_with_an_untied_head():
+    model = tiny_model("llama")
+    assert model.lm_head.weight is not model.model.embed_tokens.weight
+    lm = LoadedModel(model, tokenizer=None, adapter=adapter_for(model), source="llama")
+    gates = ModelGates(lm.adapter)
+    with torch.no_grad():
+        for g in (*gates.kv, *gates.intermediate, gates.hidden):
+            g.log_alpha.copy_(torch.linspace(-1.0, 4.0, g.log_alpha.numel()))
+    masks = gates.binary_masks({"hidden": 20, "intermediate": 40})
+    soft = gates.soft_values(masks)
+    gates.values = {**soft, "kv": masks["kv"], "layers": [torch.ones(())] * 3}
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    with gates.attached(hidden=True), torch.no_grad():
+        gated = lm.model(ids).logits
+    fold(lm.adapter, soft, ["hidden", "intermediate"])
+    cut(lm, masks)
+    with torch.no_grad():
+        torch.testing.assert_close(lm.model(ids).logits, gated, rtol=1e-4, atol=1e-5)

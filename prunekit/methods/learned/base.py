@@ -25,6 +25,7 @@ from prunekit.errors import PrunekitError
 from prunekit.eval.perplexity import next_token_loss
 from prunekit.methods.base import Method, MethodConfig, PruneRequest
 from prunekit.methods.learned.hard_concrete import KINDS, MODEL_WIDE, ModelGates
+from prunekit.models.adapter import ModelAdapter
 from prunekit.models.loading import LoadedModel
 from prunekit.recovery.lora import add_masked_lora, merge_masked_lora, target_linears
 from prunekit.surgery.depth import remove_blocks
@@ -46,6 +47,7 @@ class LearnedConfig(MethodConfig):
     lora_rank: int = 0  # masked LoRA on every linear, trained with the gates (0: none)
     lora_lr: float = 1e-4
     weights_lr: float = 0.0  # every model weight trained with the gates at this lr (0: frozen)
+    fold_gates: bool = False  # scale kept structures by their deterministic gate values
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.lr <= 0 or not 0 < self.init_keep < 1 or self.lora_rank < 0:
@@ -75,6 +77,53 @@ def widest(gates: ModelGates) -> dict[str, int]:
 def goal(kind: str, count: float, blocks: int) -> float:
     """A per-block target count as a model total (layers and hidden are already totals)."""
     return count if kind in MODEL_WIDE else count * blocks
+
+
+@torch.no_grad()
+def fold(adapter: ModelAdapter, values: dict[str, list[torch.Tensor]], kinds: list[str]) -> None:
+    """Scale the weights by the gate `values` of `kinds` as LLM-Shearing's `prune_params`
+    does before cutting: KV groups scale o's input columns, channels down's, a block's
+    gate its o and down outputs, hidden gates the embedding columns, o / down output rows
+    and every norm's scale; with a tied LM head the embedding's scaling reaches the head
+    and the final norm is left as it is (the reference, untied, also scales the head's
+    columns, which its code calls a bug; that is left out)."""
+    head_width = adapter.head_dim * (adapter.num_heads // adapter.num_kv_heads)
+
+    def scale(module: nn.Module, factor: torch.Tensor, axis: int) -> None:
+        weight = module.weight
+        shape = [1, 1]
+        shape[axis] = -1
+        weight.mul_(factor.to(weight.dtype).view(shape) if factor.dim() else factor)
+        if axis == 0 and getattr(module, "bias", None) is not None:
+            module.bias.mul_(factor.to(module.bias.dtype))
+
+    for i, block in enumerate(adapter.blocks):
+        o, down = adapter.linear(block, "o"), adapter.linear(block, "down")
+        if "kv" in kinds:
+            scale(o, values["kv"][i].repeat_interleave(head_width), 1)
+        if "intermediate" in kinds:
+            scale(down, values["intermediate"][i], 1)
+        if "layers" in kinds:
+            scale(o, values["layers"][i], 0)
+            scale(down, values["layers"][i], 0)
+        if "hidden" in kinds:
+            z = values["hidden"][0]
+            scale(o, z, 0)
+            scale(down, z, 0)
+            for role in adapter.spec.norms:
+                _scale_norm(adapter, adapter.norm(block, role), z)
+    if "hidden" in kinds:
+        z = values["hidden"][0]
+        adapter.embed.weight.mul_(z.to(adapter.embed.weight.dtype))
+        if adapter.lm_head.weight is not adapter.embed.weight:  # a tied head took z already
+            _scale_norm(adapter, adapter.final_norm, z)
+
+
+def _scale_norm(adapter: ModelAdapter, norm: nn.Module, z: torch.Tensor) -> None:
+    """Make an RMS norm's output scale (w, or 1 + w for Gemma's offset norms) times `z`."""
+    scale = adapter.norm_scale(norm) * z
+    offset = adapter.spec.norm_kind == "rms_offset"
+    norm.weight.copy_((scale - 1 if offset else scale).to(norm.weight.dtype))
 
 
 def cut(lm: LoadedModel, masks: dict) -> None:
@@ -174,7 +223,10 @@ class LearnedMaskMethod(Method):
         with torch.no_grad():
             expected = {k: float(v.sum()) for k, v in gates.expected_counts().items()}
         merge_masked_lora(linears)
-        cut(lm, gates.binary_masks(target))
+        masks = gates.binary_masks(target)
+        if config.fold_gates:
+            fold(adapter, gates.soft_values(masks), list(target))
+        cut(lm, masks)
         after = decoder_parameters(adapter)
         return {
             "target": target,

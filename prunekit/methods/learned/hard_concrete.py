@@ -26,6 +26,7 @@ from prunekit.surgery.width import block_widths
 
 BETA, GAMMA, ZETA = 2.0 / 3.0, -0.1, 1.1
 LOG_ALPHA_RANGE = (math.log(1e-2), math.log(1e2))  # the references' `constrain_parameters`
+SOFT_SCALE = 0.8  # LLM-Shearing's `magical_number` in its deterministic gates
 KINDS = ("kv", "intermediate", "layers", "hidden")
 MODEL_WIDE = ("layers", "hidden")  # one set of gates for the model, not one per block
 
@@ -166,6 +167,17 @@ class ModelGates(nn.Module):
             k: self._as_values(k, [top(g, targets.get(k)) for g in v])
             for k, v in self.gates().items()
         }
+
+    def soft_values(self, masks: dict[str, list[torch.Tensor]]) -> dict[str, list[torch.Tensor]]:
+        """LLM-Shearing's deterministic gates: sigmoid(log-odds / β · 0.8) on the structures
+        `masks` keeps, 0 on the others."""
+        with torch.no_grad():
+            soft = {
+                k: [torch.sigmoid(g.log_alpha / BETA * SOFT_SCALE) for g in v]
+                for k, v in self.gates().items()
+            }
+        soft = {k: self._as_values(k, v) for k, v in soft.items()}
+        return {k: [s * m.float() for s, m in zip(soft[k], masks[k], strict=True)] for k in soft}
 
     @contextmanager
     def attached(self, hidden: bool = False) -> Iterator[ModelGates]:

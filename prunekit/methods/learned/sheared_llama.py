@@ -12,7 +12,9 @@ minimised (the reference steps them with a negated learning rate; here their gra
 negated).
 The model weights are trained with the masks (AdamW at `weights_lr` 1e-4, gates and
 multipliers at `lr` 1.0: the reference's `lr` and `lag_lr`), and the gates start at the
-reference's log-odds (its init 5, clamped to ln 100 before the first forward). Its cosine
+reference's log-odds (its init 5, clamped to ln 100 before the first forward). Before
+the cut, kept structures are scaled by their deterministic gate values, as the
+reference's `prune_params` does (`fold_gates`). Its cosine
 schedule with warm-up and Adam's β₂ = 0.95 are not reproduced (constant rates, β₂ 0.999).
 Continued pre-training is a separate `prunekit heal` stage (e.g. in a recipe).
 """
@@ -65,6 +67,7 @@ class ShearedConfig(LearnedConfig):
     lr: float = 1.0  # gates and multipliers (the reference's lag_lr)
     weights_lr: float = 1e-4  # the model's weights (the reference's lr)
     init_keep: float = keep_of(LOG_ALPHA_RANGE[1])
+    fold_gates: bool = True  # the reference scales kept structures by their soft gates
 
     def __post_init__(self) -> None:
         super().__post_init__()
