@@ -166,8 +166,30 @@ def markdown(payload: dict) -> str:
             label = method + ("+perm" if permute else "")
             lines.append(f"| {label} | {allocation} | " + " | ".join(cells) + " |")
         lines.append("")
-    lines += ["## The papers' claims on this model", ""] + claims(payload) + [""]
+    lines += _partial_sparsity(results) + ["## The papers' claims on this model", ""]
+    lines += claims(payload) + [""]
     return "\n".join(lines)
+
+
+def _partial_sparsity(results: dict) -> list[str]:
+    """A note for methods whose share of zeros over all prunable linears is not the level
+    (e.g. DaSS, which leaves attention dense as its reference does)."""
+    notes = {}
+    for r in results.values():
+        if ":" not in r["level"] and abs(r["overall_sparsity"] - float(r["level"])) > 0.01:
+            notes.setdefault(r["method"], {})[r["level"]] = r["overall_sparsity"]
+    if not notes:
+        return []
+    parts = [
+        f"{method} " + ", ".join(f"{float(k):.0%} -> {v:.1%}" for k, v in sorted(levels.items()))
+        for method, levels in sorted(notes.items())
+    ]
+    return [
+        "Share of zeros over all prunable linears where it differs from the level: "
+        + "; ".join(parts)
+        + ". Compare those rows by that share.",
+        "",
+    ]
 
 
 def _level_name(level: str) -> str:
