@@ -1,5 +1,6 @@
-"""GGUF export checked in llama.cpp (llama-cpp-python): SmolLM2-135M dense and
-ShortGPT-pruned, exported at f32 / f16 / q8_0, against the Hugging Face model: greedy
+"""GGUF export checked in llama.cpp (llama-cpp-python): SmolLM2-135M dense, ShortGPT-pruned
+and FLAP-pruned (per-block widths and biases: llama.cpp's `deci`), exported at f32 / f16 /
+q8_0, against the Hugging Face model: greedy
 continuation (tokens identical to the HF model's) and perplexity on the first
 `--windows` windows of `--seqlen` tokens of WikiText-2 test, both computed on the same
 token windows.
@@ -68,6 +69,10 @@ def cpp_nll(llm, windows: torch.Tensor) -> float:
     return total / count
 
 
+# FLAP (global selection) leaves per-block widths and o / down biases: llama.cpp's deci
+VARIANTS = {"dense": None, "shortgpt 30%": ("shortgpt", 0.3), "flap 20%": ("flap", 0.2)}
+
+
 def main() -> None:
     from llama_cpp import Llama
 
@@ -79,13 +84,15 @@ def main() -> None:
     parser.add_argument("--quants", default="f32,f16,q8_0")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--name", default="gguf_llamacpp_smollm2")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="rows to run")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rows = []
-    for variant in ("dense", "shortgpt 30%"):
+    for variant in args.variants.split(","):
         lm = prunekit.load_model(args.model, dtype="float32")
-        if variant != "dense":
-            prunekit.prune(lm, "shortgpt", sparsity=0.3, nsamples=16, seqlen=256)
+        if VARIANTS[variant] is not None:
+            method, sparsity = VARIANTS[variant]
+            prunekit.prune(lm, method, sparsity=sparsity, nsamples=16, seqlen=256)
         text = load_text("wikitext2", purpose="eval").text
         windows = evaluation_windows(lm.tokenizer, text, args.seqlen, limit=args.windows)
         prompt = lm.tokenizer(PROMPT).input_ids
