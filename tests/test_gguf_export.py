@@ -173,3 +173,25 @@ def test_flap_pruned_models_run_in_llamacpp(tokenizer, tmp_path, selection, arch
     with torch.no_grad():
         expected = lm.model(IDS).logits[0]
     torch.testing.assert_close(_llamacpp_logits(path, IDS), expected, atol=1e-3, rtol=1e-3)
+
+
+def test_q8_0_falls_back_to_f16_for_widths_its_blocks_do_not_divide(tokenizer, tmp_path):
+    """A pruned MLP width of 70 is no multiple of q8_0's 32-value blocks: those matrices
+    are written in f16 (llama.cpp's converter does the same) and the file reloads."""
+    import gguf
+
+    from prunekit.surgery.width import keep_channels
+
+    lm = _tiny(tokenizer)
+    for block in lm.adapter.blocks:
+        keep_channels(lm.adapter, block, list(range(70)))
+    update_config_widths(lm.adapter)
+    path = export_gguf(lm, tmp_path / "odd.gguf", "q8_0")
+    types = {t.name: t.tensor_type for t in gguf.GGUFReader(str(path)).tensors}
+    assert types["blk.0.ffn_down.weight"] == gguf.GGMLQuantizationType.F16
+    assert types["blk.0.ffn_up.weight"] == gguf.GGMLQuantizationType.Q8_0
+    back = AutoModelForCausalLM.from_pretrained(
+        tmp_path, gguf_file=path.name, dtype=torch.float32
+    ).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(back(IDS).logits, lm.model(IDS).logits, atol=1e-1, rtol=1e-1)

@@ -11,7 +11,9 @@ written as llama.cpp's `deci` architecture (the Llama layout of Nemotron's NAS m
 whose head counts and feed-forward lengths are per-block arrays; its tensors are named
 as Llama's and each block's q / k rows are permuted with that block's head counts.
 
-Weights: `f32`, `f16`, `bf16` or `q8_0` (norms stay float32, as the converter keeps them).
+Weights: `f32`, `f16`, `bf16` or `q8_0` (norms stay float32, as the converter keeps them);
+a matrix whose rows q8_0's 32-value blocks do not divide (a pruned width such as 1389) is
+written in f16, as llama.cpp's converter falls back.
 """
 
 from __future__ import annotations
@@ -100,7 +102,10 @@ def _tensor(weight: torch.Tensor, quant: str):
     if quant == "f16":
         return data.astype(np.float16), None
     kind = {"bf16": gguf.GGMLQuantizationType.BF16, "q8_0": gguf.GGMLQuantizationType.Q8_0}
-    return gguf.quants.quantize(data, kind[quant]), kind[quant]
+    try:
+        return gguf.quants.quantize(data, kind[quant]), kind[quant]
+    except gguf.quants.QuantError:  # rows not a multiple of the block (pruned widths): f16, as the
+        return data.astype(np.float16), None  # converter falls back
 
 
 def _tokenizer(writer, tokenizer) -> None:
