@@ -51,6 +51,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--samples", type=int, default=64)
     parser.add_argument("--space", default="small")
+    parser.add_argument("--kinds", default="kv,intermediate,layers", help="what may shrink")
     parser.add_argument("--nsamples", type=int, default=20, help="calibration windows (4 held out)")
     parser.add_argument("--seqlen", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=4)
@@ -73,6 +74,7 @@ def main() -> None:
     lm = prunekit.load_model(args.model, dtype="float32")
     start = time.perf_counter()
     options = {"steps": args.steps, "samples": args.samples, "space": args.space}
+    options["kinds"] = args.kinds
     record = prunekit.prune(lm, "nas", sparsity=args.sparsity, batch_size=args.batch_size,
                             options=options, **calib)  # fmt: skip
     details = record.details
@@ -95,7 +97,8 @@ def main() -> None:
     plot(details, before, RESULTS / f"{args.name}.png")
     lines = [
         f"Command: `{command}`. Calibration: WikiText-2 valid, {args.nsamples} x {args.seqlen} "
-        f"tokens (the last 4 held out to score sub-networks); {args.space} search space; "
+        f"tokens (the last 4 held out to score sub-networks); {args.space} search space over "
+        f"{args.kinds}; "
         f"{len(details['searched'])} sub-networks scored; perplexity on the first "
         f"{args.eval_limit} windows of {args.eval_seqlen} tokens (reference protocol); "
         f"{args.threads} thread(s).",
