@@ -19,6 +19,7 @@ from prunekit.surgery.residual import OUTPUTS
 from prunekit.surgery.width import block_widths
 
 ATTENTION = ("q", "k", "v", "qkv", "o")
+Number = float | torch.Tensor
 MLP = ("gate", "up", "gate_up", "down")
 
 
@@ -229,10 +230,11 @@ def plan_global(
 
 
 @dataclass(frozen=True)
-class BlockCost:
-    """Parameters of one KV group, one MLP channel and the rest of a block, each split
-    into the part proportional to the hidden size (weights, norm scales, o / down biases)
-    and the part that is not (q / k / v / gate / up biases, per-head norms)."""
+class WidthCost:
+    """A block's parameter count as a function of its widths: one KV group, one MLP
+    channel and the rest of the block, each split into the part proportional to the
+    hidden size (weights, norm scales, o / down biases) and the part that is not
+    (q / k / v / gate / up biases, per-head norms)."""
 
     group: int
     channel: int
@@ -241,8 +243,9 @@ class BlockCost:
     channel_other: int
     fixed_other: int
 
-    def at(self, kv: torch.Tensor, channels: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-        """Parameters with `kv` groups, `channels` channels and `hidden` as a share of D."""
+    def at(self, kv: Number, channels: Number, hidden: Number) -> Number:
+        """Parameters with `kv` groups, `channels` channels and `hidden` as a share of D
+        (numbers or tensors: expected counts are differentiable)."""
         scaled = self.fixed - self.fixed_other
         scaled = scaled + kv * (self.group - self.group_other)
         scaled = scaled + channels * (self.channel - self.channel_other)
@@ -250,8 +253,8 @@ class BlockCost:
         return hidden * scaled + rest
 
 
-def block_cost(adapter: ModelAdapter, block: nn.Module) -> BlockCost:
-    """`BlockCost` of `block` from its current shapes."""
+def width_cost(adapter: ModelAdapter, block: nn.Module) -> WidthCost:
+    """`WidthCost` of `block` from its current shapes."""
     widths, costs = block_widths(adapter, block), block_costs(adapter, block)
     other = {"group": 0, "channel": 0}
     for role, where in structure_ids(adapter, block).items():
@@ -264,6 +267,6 @@ def block_cost(adapter: ModelAdapter, block: nn.Module) -> BlockCost:
     for role in OUTPUTS:
         bias = getattr(adapter.linear(block, role), "bias", None)
         scaled += 0 if bias is None else bias.numel()
-    return BlockCost(
+    return WidthCost(
         costs.group, costs.channel, fixed, other["group"], other["channel"], fixed - scaled
     )

@@ -21,7 +21,7 @@ from torch import nn
 
 from prunekit.models.adapter import ModelAdapter
 from prunekit.surgery.hooks import StructureScales
-from prunekit.surgery.plan import BlockCost, block_cost
+from prunekit.surgery.plan import WidthCost, width_cost
 from prunekit.surgery.width import block_widths
 
 BETA, GAMMA, ZETA = 2.0 / 3.0, -0.1, 1.1
@@ -76,12 +76,12 @@ class ModelGates(nn.Module):
         self.adapter = adapter
         self.kv = nn.ModuleList()
         self.intermediate = nn.ModuleList()
-        self.costs: list[BlockCost] = []
+        self.costs: list[WidthCost] = []
         for block in adapter.blocks:
             widths = block_widths(adapter, block)
             self.kv.append(HardConcrete(widths.kv_heads, keep))
             self.intermediate.append(HardConcrete(widths.intermediate, keep))
-            self.costs.append(block_cost(adapter, block))
+            self.costs.append(width_cost(adapter, block))
         self.layers = HardConcrete(len(adapter.blocks), keep)
         self.hidden = HardConcrete(adapter.hidden_size, keep)
         self.scales = StructureScales(adapter)

@@ -42,7 +42,7 @@ from prunekit.models.loading import LoadedModel
 from prunekit.progress import progress
 from prunekit.surgery.depth import remove_blocks
 from prunekit.surgery.hooks import StructureScales
-from prunekit.surgery.plan import block_cost
+from prunekit.surgery.plan import width_cost
 from prunekit.surgery.width import (
     block_widths,
     decoder_parameters,
@@ -99,7 +99,7 @@ class SuperNetwork:
         self.adapter = adapter
         self.group_order, self.channel_order = group_order, channel_order
         self.block_order = block_order
-        self.costs = [block_cost(adapter, block) for block in adapter.blocks]
+        self.costs = [width_cost(adapter, block) for block in adapter.blocks]
         widths = [block_widths(adapter, block) for block in adapter.blocks]
         self.full: Subnet = {
             "kv": [w.kv_heads for w in widths],
