@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -158,6 +160,24 @@ class DiskBlocks:
     def missing(self) -> list[int]:
         """Blocks never staged (not pruned yet)."""
         return [i for i in range(len(self.adapter.blocks)) if not self.staged(i).is_file()]
+
+
+@contextmanager
+def block_in_memory(adapter: ModelAdapter, index: int, keep: bool) -> Iterator[None]:
+    """Block `index` in memory for the `with` body when the model streams from disk
+    (`adapter.offload`), then freed; with `keep`, written (changed) to the staging folder
+    first. Nothing happens for a model in memory."""
+    offload = adapter.offload
+    if offload is not None:
+        offload.load(index)
+    try:
+        yield
+    except BaseException:
+        if offload is not None:  # a failed step stages nothing
+            offload.unload(index, keep=False)
+        raise
+    if offload is not None:
+        offload.unload(index, keep=keep)
 
 
 def _zeros(weight: torch.Tensor) -> tuple[int, int]:

@@ -19,6 +19,7 @@ from prunekit.engine.runner import SequentialRunner
 from prunekit.errors import PrunekitError
 from prunekit.methods.base import Method, MethodConfig, PruneRequest
 from prunekit.models.loading import LoadedModel
+from prunekit.models.offload import block_in_memory
 from prunekit.progress import progress as progress_bar
 from prunekit.surgery.depth import remove_blocks
 from prunekit.surgery.masks import prune_count
@@ -71,18 +72,14 @@ class CalibrationPath:
     def run_block(self, index: int, hidden: torch.Tensor) -> torch.Tensor:
         """Original block `index` on `hidden` [n, L, H] (moved to the device meanwhile;
         read from disk and freed again when the model streams)."""
-        offload = self.lm.adapter.offload
-        if offload is not None:
-            offload.load(index)
-        block = self.lm.adapter.blocks[index]
-        home = next(block.parameters()).device
-        block.to(self.device)
-        try:
-            return self.runner.run_block(index, hidden)
-        finally:
-            block.to(home)
-            if offload is not None:
-                offload.unload(index, keep=False)
+        with block_in_memory(self.lm.adapter, index, keep=False):
+            block = self.lm.adapter.blocks[index]
+            home = next(block.parameters()).device
+            block.to(self.device)
+            try:
+                return self.runner.run_block(index, hidden)
+            finally:
+                block.to(home)
 
     def run(self, indices: Sequence[int], hidden: torch.Tensor | None = None) -> torch.Tensor:
         """Blocks `indices` in order, from `hidden` (default: block 0's input)."""

@@ -20,7 +20,6 @@ Budget split, `selection` option:
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -32,6 +31,7 @@ from prunekit.errors import PrunekitError, choice_error
 from prunekit.methods.base import Method, MethodConfig, PruneRequest
 from prunekit.models.adapter import ModelAdapter, weight_matrix
 from prunekit.models.loading import LoadedModel
+from prunekit.models.offload import block_in_memory
 from prunekit.surgery.plan import (
     ATTENTION,
     MLP,
@@ -120,19 +120,6 @@ def output_columns(adapter: ModelAdapter, block: nn.Module, fn) -> dict[str, tor
     }
 
 
-@contextmanager
-def on_disk_block(adapter: ModelAdapter, index: int, keep: bool) -> Iterator[None]:
-    """Block `index` in memory for the `with` body when the model streams from disk
-    (`--offload disk`), then freed; with `keep`, written (changed) to the staging folder
-    first. Nothing happens for a model in memory."""
-    offload = adapter.offload
-    if offload is not None:
-        offload.load(index)
-    yield
-    if offload is not None:
-        offload.unload(index, keep=keep)
-
-
 def check_reachable(method: str, sparsity: float, most: float, floor: str) -> None:
     """Refuse a decoder-parameter share `sparsity` beyond the `most` this model allows,
     naming the `floor` (what must stay) and the valid range."""
@@ -185,7 +172,7 @@ class StructuredMethod(Method):
         adapter = lm.adapter
         if not self.needs:
             for index, block in enumerate(adapter.blocks):
-                with on_disk_block(adapter, index, keep=not dense):
+                with block_in_memory(adapter, index, keep=not dense):
                     yield index, block, self.score(adapter, block, {})
             return
         if calib is None:
@@ -285,12 +272,12 @@ class StructuredMethod(Method):
                 removable,
             )
             for (index, block, scores), plan in zip(pool, chosen, strict=True):
-                with on_disk_block(adapter, index, keep=True):
+                with block_in_memory(adapter, index, keep=True):
                     self._apply(adapter, block, scores.stats, plan)
                 plans[index] = plan
             for index in range(len(adapter.blocks)):  # blocks left whole are written too
                 if index not in plans:
-                    with on_disk_block(adapter, index, keep=True):
+                    with block_in_memory(adapter, index, keep=True):
                         pass
         update_config_widths(adapter)
         after = decoder_parameters(adapter)
