@@ -8,8 +8,11 @@
 - `depth/`: whole decoder blocks removed or merged; driver `base.py`.
 - `learned/`: hard-concrete masks trained to a target shape (Sheared LLaMA, Compresso,
   NutePrune); driver `base.py`, gates `hard_concrete.py`.
+- `search/`: sub-networks of a weight-sharing super-network searched for a Pareto front
+  (NAS).
 - `lowrank/`: rank-k approximations (LASER).
-- `experts/`: mixture-of-experts models: whole experts removed, Wanda inside experts.
+- `experts/`: mixture-of-experts models: whole experts removed, Wanda and SparseGPT
+  inside experts.
 
 Methods may import the engine, surgery, models, data, evaluation and recovery (LoRA);
 nothing below this layer imports a method.
