@@ -49,19 +49,51 @@ def test_a_subnet_equals_its_cut_model_and_parameter_count(stories, stories_cali
     for block, old in zip(stories.adapter.blocks, kept, strict=True):
         assert stories.adapter.linear(block, "k").weight.shape[0] == SUBNET["kv"][old] * 8
         assert stories.adapter.linear(block, "up").weight.shape[0] == SUBNET["intermediate"][old]
-    torch.testing.assert_close(_logits(stories.model), masked, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(_logits(stories.model), masked, rtol=1e-4, atol=1e-4)
 
 
 def test_structures_are_ranked_by_output_column_norms(stories, stories_calib):
-    """Magnitude-SP written out: a channel's score is ‖down[:, c]‖₂, a KV group's the sum
-    of ‖o[:, j]‖₂ over its query heads' columns (8 per head, 2 heads per group)."""
-    network = super_network(stories, stories_calib[:4, :64], REQUEST)
+    """order=magnitude_sp written out: a channel's score is ‖down[:, c]‖₂, a KV group's the
+    sum of ‖o[:, j]‖₂ over its query heads' columns (8 per head, 2 heads per group)."""
+    network = super_network(stories, stories_calib[:4, :64], REQUEST, "magnitude_sp")
     for i, block in enumerate(stories.adapter.blocks):
         down = block.mlp.down_proj.weight.detach()
         channels = down.norm(dim=0)
         assert torch.equal(network.channel_order[i], torch.argsort(channels, descending=True))
         columns = block.self_attn.o_proj.weight.detach().norm(dim=0)
         groups = columns.view(4, 16).sum(1)
+        assert torch.equal(network.group_order[i], torch.argsort(groups, descending=True))
+
+
+def test_structures_are_ranked_by_wanda_sp_by_default(stories, stories_calib):
+    """Wanda-SP written out with plain hooks on the dense model: a column's score is the
+    mean over rows of |W_ij|·‖X_j‖₂ of o / down, a KV group's the sum over its columns."""
+    windows = stories_calib[:4, :64]
+    norms: dict[str, torch.Tensor] = {}
+
+    def hook(name):
+        def fn(module, args):
+            x = args[0].detach().flatten(0, -2).double()
+            norms[name] = norms.get(name, 0) + x.pow(2).sum(0)
+
+        return fn
+
+    handles = [
+        getattr(getattr(block, part), proj).register_forward_pre_hook(hook(f"{i}.{proj}"))
+        for i, block in enumerate(stories.model.model.layers)
+        for part, proj in (("self_attn", "o_proj"), ("mlp", "down_proj"))
+    ]
+    with torch.no_grad():
+        stories.model(windows)
+    for handle in handles:
+        handle.remove()
+    network = super_network(stories, windows, REQUEST)
+    for i, block in enumerate(stories.model.model.layers):
+        down = block.mlp.down_proj.weight.detach().double().abs()
+        channels = (down * norms[f"{i}.down_proj"].sqrt()).mean(0)
+        assert torch.equal(network.channel_order[i], torch.argsort(channels, descending=True))
+        o = block.self_attn.o_proj.weight.detach().double().abs()
+        groups = (o * norms[f"{i}.o_proj"].sqrt()).mean(0).view(4, 16).sum(1)
         assert torch.equal(network.group_order[i], torch.argsort(groups, descending=True))
 
 

@@ -5,8 +5,9 @@ super-network whose sub-networks keep fewer KV groups, MLP channels and blocks; 
 fine-tuned with the sandwich rule, then searched for the Pareto front of parameters
 against validation loss, and one point of the front is cut out.
 
-- **Sub-networks.** Within each block the KV groups and MLP channels are ranked once by
-  magnitude-SP importance (o / down column norms) and a sub-network keeps the top k;
+- **Sub-networks.** Within each block the KV groups and MLP channels are ranked once by a
+  width method's scores (`order`: Wanda-SP, from one dense calibration pass, or the
+  data-free magnitude-SP) and a sub-network keeps the top k;
   blocks are ranked by ShortGPT's block influence and a sub-network keeps the top l.
   Search space `small` (the papers' SMALL): one count per kind for every block; `layer`
   (LAYER): a count per block. Sub-networks are applied by hooks
@@ -37,6 +38,7 @@ from prunekit.methods.base import Method, MethodConfig, PruneRequest, register
 from prunekit.methods.depth.base import CalibrationPath
 from prunekit.methods.depth.shortgpt import block_influence
 from prunekit.methods.width.magnitude_sp import MagnitudeSP
+from prunekit.methods.width.wanda_sp import WandaSP
 from prunekit.models.adapter import ModelAdapter
 from prunekit.models.loading import LoadedModel
 from prunekit.progress import progress
@@ -52,6 +54,7 @@ from prunekit.surgery.width import (
 )
 
 SPACES = ("small", "layer")
+ORDERS = {"wanda_sp": WandaSP, "magnitude_sp": MagnitudeSP}
 KINDS = ("kv", "intermediate", "layers")
 
 Subnet = dict[str, list[int]]  # kv / intermediate: kept per block; layers: [blocks kept]
@@ -61,6 +64,7 @@ Subnet = dict[str, list[int]]  # kv / intermediate: kept per block; layers: [blo
 class NASConfig(MethodConfig):
     space: str = "small"  # small: one count per kind for all blocks | layer: per block
     kinds: str = "kv,intermediate,layers"  # what sub-networks may shrink
+    order: str = "wanda_sp"  # how groups and channels are ranked: wanda_sp | magnitude_sp
     steps: int = 20  # sandwich-rule fine-tuning steps (0: search the pretrained model)
     random_subnets: int = 2  # random sub-networks per step beside the largest and smallest
     lr: float = 1e-4
@@ -73,6 +77,8 @@ class NASConfig(MethodConfig):
     def __post_init__(self) -> None:
         if self.space not in SPACES:
             raise choice_error("space", self.space, SPACES)
+        if self.order not in ORDERS:
+            raise choice_error("order", self.order, tuple(ORDERS))
         bad = [k for k in self.kinds.split(",") if k not in KINDS]
         if bad or not self.kinds:
             raise PrunekitError(f"kinds {self.kinds!r} invalid; valid: {', '.join(KINDS)}")
@@ -150,13 +156,16 @@ class SuperNetwork:
             remove_blocks(adapter, dropped)
 
 
-def super_network(lm: LoadedModel, windows: torch.Tensor, request: PruneRequest) -> SuperNetwork:
-    """`lm` as a super-network: KV groups and channels ranked by magnitude-SP scores,
-    blocks by block influence on `windows` [n, L]."""
-    adapter, magnitude = lm.adapter, MagnitudeSP()
+def super_network(
+    lm: LoadedModel, windows: torch.Tensor, request: PruneRequest, order: str = "wanda_sp"
+) -> SuperNetwork:
+    """`lm` as a super-network: KV groups and channels ranked by the `order` method's
+    scores (from a dense pass over `windows` [n, L] when it needs data), blocks by block
+    influence on `windows`."""
+    adapter = lm.adapter
     group_order, channel_order = [], []
-    for block in adapter.blocks:
-        scores = magnitude.score(adapter, block, {})
+    ranking = ORDERS[order]()
+    for _, _, scores in ranking.block_scores(lm, windows, request, dense=True):
         group_order.append(torch.argsort(scores.groups, descending=True, stable=True))
         channel_order.append(torch.argsort(scores.channels, descending=True, stable=True))
     path = CalibrationPath(lm, windows, request.device, request.batch_size)
@@ -226,7 +235,7 @@ class NAS(Method):
                 f"(got {have})"
             )
         train_windows, held_out = calib[: -config.eval_windows], calib[-config.eval_windows :]
-        network = super_network(lm, train_windows, request)
+        network = super_network(lm, train_windows, request, config.order)
         largest, smallest, kinds = self._space(network)
         generator = torch.Generator().manual_seed(request.seed)
         before = decoder_parameters(adapter)
