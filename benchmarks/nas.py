@@ -52,6 +52,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=64)
     parser.add_argument("--space", default="small")
     parser.add_argument("--kinds", default="kv,intermediate,layers", help="what may shrink")
+    parser.add_argument("--order", default="wanda_sp", help="ranking of groups and channels")
     parser.add_argument("--nsamples", type=int, default=20, help="calibration windows (4 held out)")
     parser.add_argument("--seqlen", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=4)
@@ -74,7 +75,7 @@ def main() -> None:
     lm = prunekit.load_model(args.model, dtype="float32")
     start = time.perf_counter()
     options = {"steps": args.steps, "samples": args.samples, "space": args.space}
-    options["kinds"] = args.kinds
+    options |= {"kinds": args.kinds, "order": args.order}
     record = prunekit.prune(lm, "nas", sparsity=args.sparsity, batch_size=args.batch_size,
                             options=options, **calib)  # fmt: skip
     details = record.details
@@ -98,7 +99,7 @@ def main() -> None:
     lines = [
         f"Command: `{command}`. Calibration: WikiText-2 valid, {args.nsamples} x {args.seqlen} "
         f"tokens (the last 4 held out to score sub-networks); {args.space} search space over "
-        f"{args.kinds}; "
+        f"{args.kinds}, ranked by {args.order}; "
         f"{len(details['searched'])} sub-networks scored; perplexity on the first "
         f"{args.eval_limit} windows of {args.eval_seqlen} tokens (reference protocol); "
         f"{args.threads} thread(s).",
