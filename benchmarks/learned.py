@@ -1,8 +1,11 @@
 """Learned masks against one-shot scores at equal training: Sheared LLaMA, Compresso and
 NutePrune (each trained `--steps` steps on the calibration windows) next to FLAP followed
 by the same number of distillation steps, all at `--sparsity` of the KV groups and MLP
-channels. Reports WikiText-2 / PTB perplexity, zero-shot accuracy (`--tasks`), decoder
-parameters, training tokens and wall time per run.
+channels. Every method sees each training window once: the learned methods calibrate on
+`--steps` x `--batch-size` windows (on `--nsamples` windows they would cycle through the
+same few thousand tokens and overfit them), as many as the distillation trains on; FLAP
+scores on `--nsamples` windows. Reports WikiText-2 / PTB perplexity, zero-shot accuracy
+(`--tasks`), decoder parameters, training tokens and wall time per run.
 
 `compresso+prompt` trains Compresso with the paper's collaborative prompt prepended; both
 Compresso rows are also measured with the prompt before every window (its tokens not
@@ -49,6 +52,74 @@ def prompted_perplexity(lm, dataset: str, seqlen: int, limit: int | None) -> flo
     return math.exp(total / count)
 
 
+def markdown(payload: dict) -> str:
+    """The results table of a run (or of merged runs with the same settings)."""
+    args = argparse.Namespace(**payload["args"])
+    datasets = args.datasets.split(",")
+    tasks = [t for t in args.tasks.split(",") if t]
+    command = " ".join(
+        f"--{k.replace('_', '-')} {v}" for k, v in payload["args"].items() if v not in ("", None)
+    )
+    lines = [
+        f"Model {args.model}; {args.sparsity:.0%} of KV groups and MLP channels; "
+        f"{args.steps} training steps of {args.batch_size} x {args.seqlen} tokens for "
+        f"every method, on {args.steps * args.batch_size} seeded WikiText-2 train windows "
+        f"seen once each (FLAP scores on {args.nsamples}); perplexity on the "
+        f"first {args.eval_limit} windows of "
+        f"{args.eval_seqlen} tokens (reference protocol; WikiText-2 is the tokenized "
+        f"wiki.test.tokens)"
+        + (f"; zero-shot accuracy on the first {args.task_limit} items" if tasks else "")
+        + f"; {args.threads} thread(s) per run. Command: `python benchmarks/learned.py "
+        + command
+        + "`"
+        + (f" (merged from {', '.join(payload['shards'])})" if "shards" in payload else "")
+        + ".",
+        "",
+        "| method | decoder removed | "
+        + " | ".join([*datasets, *tasks, "mean acc"] if tasks else datasets)
+        + " | training tokens | s |",
+        "|---|---|" + "---|" * (len(datasets) + len(tasks) + bool(tasks)) + "---|---|",
+    ]
+
+    def cells(r: dict) -> str:
+        out = [f"{r[d]:.2f}" for d in datasets]
+        if tasks:
+            accs = [r["tasks"][t] for t in tasks]
+            out += [f"{a:.3f}" for a in accs] + [f"{sum(accs) / len(accs):.3f}"]
+        return " | ".join(out)
+
+    lines.append(f"| dense | 0 | {cells(payload['dense'])} | - | - |")
+    for r in payload["runs"]:
+        lines.append(
+            f"| {r['method']} | {r['decoder_share_removed']:.3f} | {cells(r)}"
+            f" | {r['training_tokens']:,} | {r['seconds']:.0f} |"
+        )
+    for r in payload["runs"]:
+        if "with_prompt" in r:
+            lines.append("")
+            lines.append(
+                f"{r['method']} evaluated with the prompt before every window: "
+                + ", ".join(f"{d} {r['with_prompt'][d]:.2f}" for d in datasets)
+                + " (windows shortened by the prompt's tokens; same scored tokens)."
+            )
+    return "\n".join(lines) + "\n"
+
+
+def write(payload: dict, name: str) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=2) + "\n")
+    (RESULTS / f"{name}.md").write_text(markdown(payload))
+
+
+def merge(names: list[str], name: str) -> None:
+    """One table from runs of the same settings over different `--methods`."""
+    shards = [json.loads((RESULTS / f"{n}.json").read_text()) for n in names]
+    payload = {**shards[0], "runs": [r for s in shards for r in s["runs"]], "shards": names}
+    methods = ",".join(s["args"]["methods"] for s in shards)
+    payload["args"] = {**shards[0]["args"], "methods": methods, "name": name}
+    write(payload, name)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
@@ -65,7 +136,11 @@ def main() -> None:
     parser.add_argument("--tasks", default="", help="zero-shot tasks too, e.g. piqa,arc_easy")
     parser.add_argument("--task-limit", type=int, default=200, help="items per task")
     parser.add_argument("--name", default="learned_smollm2")
+    parser.add_argument("--merge", default="", help="combine these result names into --name")
     args = parser.parse_args()
+    if args.merge:
+        merge(args.merge.split(","), args.name)
+        return
     torch.set_num_threads(args.threads)
     datasets = args.datasets.split(",")
     tasks = [t for t in args.tasks.split(",") if t]
@@ -90,8 +165,8 @@ def main() -> None:
         if method in LEARNED:
             options = {"steps": args.steps} | ({"prompt": "default"} if variant else {})
             prunekit.prune(
-                lm, method, sparsity=args.sparsity, nsamples=args.nsamples, seqlen=args.seqlen,
-                batch_size=args.batch_size, options=options,
+                lm, method, sparsity=args.sparsity, nsamples=args.steps * args.batch_size,
+                seqlen=args.seqlen, batch_size=args.batch_size, options=options,
             )  # fmt: skip
         else:
             prunekit.prune(lm, "flap", sparsity=args.sparsity, nsamples=args.nsamples,
@@ -115,47 +190,7 @@ def main() -> None:
             }
         payload["runs"].append(run)
         print(json.dumps(run), flush=True)
-        lines = [
-            f"Model {args.model}; {args.sparsity:.0%} of KV groups and MLP channels; "
-            f"{args.steps} training steps of {args.batch_size} x {args.seqlen} tokens for "
-            f"every method; perplexity on the first {args.eval_limit} windows of "
-            f"{args.eval_seqlen} tokens (reference protocol; WikiText-2 is the tokenized "
-            f"wiki.test.tokens)"
-            + (f"; zero-shot accuracy on the first {args.task_limit} items" if tasks else "")
-            + f"; {args.threads} threads. Command: `python benchmarks/learned.py "
-            + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v != "")
-            + "`.",
-            "",
-            "| method | decoder removed | "
-            + " | ".join([*datasets, *tasks, "mean acc"] if tasks else datasets)
-            + " | training tokens | s |",
-            "|---|---|" + "---|" * (len(datasets) + len(tasks) + bool(tasks)) + "---|---|",
-        ]
-
-        def cells(r: dict) -> str:
-            out = [f"{r[d]:.2f}" for d in datasets]
-            if tasks:
-                accs = [r["tasks"][t] for t in tasks]
-                out += [f"{a:.3f}" for a in accs] + [f"{sum(accs) / len(accs):.3f}"]
-            return " | ".join(out)
-
-        lines.append(f"| dense | 0 | {cells(payload['dense'])} | - | - |")
-        for r in payload["runs"]:
-            lines.append(
-                f"| {r['method']} | {r['decoder_share_removed']:.3f} | {cells(r)}"
-                f" | {r['training_tokens']:,} | {r['seconds']:.0f} |"
-            )
-        prompted = [r for r in payload["runs"] if "with_prompt" in r]
-        for r in prompted:
-            lines.append("")
-            lines.append(
-                f"{r['method']} evaluated with the prompt before every window: "
-                + ", ".join(f"{d} {r['with_prompt'][d]:.2f}" for d in datasets)
-                + " (windows shortened by the prompt's tokens; same scored tokens)."
-            )
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        (RESULTS / f"{args.name}.json").write_text(json.dumps(payload, indent=2) + "\n")
-        (RESULTS / f"{args.name}.md").write_text("\n".join(lines) + "\n")
+        write(payload, args.name)
 
 
 if __name__ == "__main__":
