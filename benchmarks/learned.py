@@ -20,10 +20,10 @@ import argparse
 import json
 import math
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from results_io import merge, write
 
 import prunekit
 from prunekit.data import evaluation_windows, load_text
@@ -31,7 +31,6 @@ from prunekit.methods.learned.compresso import COLLABORATIVE_PROMPT
 from prunekit.recovery import heal_model, make_config
 from prunekit.surgery.width import decoder_parameters
 
-RESULTS = Path(__file__).resolve().parent / "results"
 LEARNED = ("sheared_llama", "compresso", "nuteprune")
 
 
@@ -105,21 +104,6 @@ def markdown(payload: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write(payload: dict, name: str) -> None:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=2) + "\n")
-    (RESULTS / f"{name}.md").write_text(markdown(payload))
-
-
-def merge(names: list[str], name: str) -> None:
-    """One table from runs of the same settings over different `--methods`."""
-    shards = [json.loads((RESULTS / f"{n}.json").read_text()) for n in names]
-    payload = {**shards[0], "runs": [r for s in shards for r in s["runs"]], "shards": names}
-    methods = ",".join(s["args"]["methods"] for s in shards)
-    payload["args"] = {**shards[0]["args"], "methods": methods, "name": name}
-    write(payload, name)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
@@ -139,7 +123,7 @@ def main() -> None:
     parser.add_argument("--merge", default="", help="combine these result names into --name")
     args = parser.parse_args()
     if args.merge:
-        merge(args.merge.split(","), args.name)
+        merge(args.merge.split(","), args.name, "methods", markdown)
         return
     torch.set_num_threads(args.threads)
     datasets = args.datasets.split(",")
@@ -190,7 +174,7 @@ def main() -> None:
             }
         payload["runs"].append(run)
         print(json.dumps(run), flush=True)
-        write(payload, args.name)
+        write(payload, args.name, markdown)
 
 
 if __name__ == "__main__":

@@ -11,10 +11,10 @@ depend on the weights' values. The pruned model keeps `top_k`, so every token st
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 
 import torch
+from results_io import write
+from speed import speed_rows
 from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
 import prunekit
@@ -23,7 +23,6 @@ from prunekit.models.families import adapter_for
 from prunekit.models.loading import LoadedModel
 from prunekit.surgery.experts import expert_count
 
-RESULTS = Path(__file__).resolve().parent / "results"
 SHAPE = dict(
     hidden_size=576, num_hidden_layers=16, num_attention_heads=9, num_key_value_heads=3,
     head_dim=64, intermediate_size=1536, moe_intermediate_size=256, num_experts=16,
@@ -92,19 +91,12 @@ def main() -> None:
         "| decode tok/s | x dense |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for name, rows in table.items():
-        for key, row in rows.items():
-            base = table["dense"][key]
-            pre, dec = row["prefill_tok_s"]["median"], row["decode_tok_s"]["median"]
-            lines.append(
-                f"| {name} | {sizes[name]['experts']} | {sizes[name]['parameters'] / 1e6:.1f}M "
-                f"| {key.split()[-1]} | {pre:.0f} | {pre / base['prefill_tok_s']['median']:.2f} "
-                f"| {dec:.1f} | {dec / base['decode_tok_s']['median']:.2f} |"
-            )
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{args.name}.json").write_text(json.dumps(payload, indent=2) + "\n")
-    (RESULTS / f"{args.name}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    lines += speed_rows(
+        table, lambda name: f"| {sizes[name]['experts']} | {sizes[name]['parameters'] / 1e6:.1f}M "
+    )
+    markdown = "\n".join(lines) + "\n"
+    write(payload, args.name, lambda _: markdown)
+    print(markdown)
 
 
 if __name__ == "__main__":

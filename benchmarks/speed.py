@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -24,6 +25,22 @@ VARIANTS = {
     "flap 40%": ("flap", {"sparsity": 0.4}),
     "magnitude 2:4": ("magnitude", {"pattern": "2:4"}),
 }
+
+
+def speed_rows(table: dict, cells: Callable[[str], str] = lambda name: "") -> list[str]:
+    """Markdown rows `| model | cells(model) | batch | prefill tok/s | x dense | decode
+    tok/s | x dense |` of a `speed_table`, ratios against its "dense" entry."""
+    lines = []
+    for name, rows in table.items():
+        for key, row in rows.items():
+            base = table["dense"][key]
+            pre, dec = row["prefill_tok_s"]["median"], row["decode_tok_s"]["median"]
+            lines.append(
+                f"| {name} {cells(name)}| {key.split()[-1]} | {pre:.0f} "
+                f"| {pre / base['prefill_tok_s']['median']:.2f} | {dec:.1f} "
+                f"| {dec / base['decode_tok_s']['median']:.2f} |"
+            )
+    return lines
 
 
 def llamacpp_rows(loaded: dict, prompt: torch.Tensor, args: argparse.Namespace) -> dict:
@@ -89,15 +106,7 @@ def main() -> None:
         "| model | batch | prefill tok/s | x dense | decode tok/s | x dense |",
         "|---|---|---|---|---|---|",
     ]
-    for name, rows in table.items():
-        for key, row in rows.items():
-            base = table["dense"][key]
-            pre, dec = row["prefill_tok_s"]["median"], row["decode_tok_s"]["median"]
-            lines.append(
-                f"| {name} | {key.split()[-1]} | {pre:.0f} "
-                f"| {pre / base['prefill_tok_s']['median']:.2f} | {dec:.1f} "
-                f"| {dec / base['decode_tok_s']['median']:.2f} |"
-            )
+    lines += speed_rows(table)
     if cpp:
         lines += [
             "",

@@ -17,9 +17,9 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from pathlib import Path
 
 import torch
+from results_io import merge, write
 
 import prunekit
 from prunekit.eval.speed import (
@@ -32,7 +32,6 @@ from prunekit.eval.speed import (
 from prunekit.export.record import count_parameters
 from prunekit.surgery.width import decoder_parameters
 
-RESULTS = Path(__file__).resolve().parent / "results"
 METHODS = ("magnitude_sp", "wanda_sp", "flap", "llm_pruner")
 
 
@@ -99,23 +98,6 @@ def markdown(payload: dict) -> str:
             f"| {r['parameters'] / 1e6:.3f}M | {ppl} {speeds}| {r['prune_s']:.0f} |"
         )
     return "\n".join(lines) + "\n"
-
-
-def write(payload: dict, name: str) -> None:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=2) + "\n")
-    (RESULTS / f"{name}.md").write_text(markdown(payload))
-
-
-def merge(names: list[str], name: str) -> None:
-    """One result from shards run with the same settings (dense taken from the first)."""
-    shards = [json.loads((RESULTS / f"{n}.json").read_text()) for n in names]
-    payload = {**shards[0], "runs": [r for s in shards for r in s["runs"]], "shards": names}
-    payload["args"] = {
-        **shards[0]["args"],
-        "sparsities": ",".join(s["args"]["sparsities"] for s in shards),
-    }
-    write(payload, name)
 
 
 def main() -> None:
@@ -192,7 +174,7 @@ def main() -> None:
                 run["speed"] = speed(dense.model, lm.model, prompt, args.new_tokens, args.repeats)
             payload["runs"].append(run)
             print(json.dumps({k: v for k, v in run.items() if k != "evaluation"}), flush=True)
-            write(payload, args.name)
+            write(payload, args.name, markdown)
             del lm
 
 
