@@ -232,3 +232,25 @@ def test_streamed_depth_pruning_equals_in_memory(tmp_path, method, kw):
     memory = AutoModelForCausalLM.from_pretrained(tmp_path / "memory")
     assert plain.config.num_hidden_layers == 3
     assert torch.equal(plain(ids).logits, memory(ids).logits)
+
+
+@pytest.mark.parametrize(
+    "kw", [{"sparsity": 0.25}, {"sparsity": 0.25, "options": {"slice_head": True}}]
+)
+def test_streamed_slicegpt_equals_in_memory(tmp_path, kw):
+    """SliceGPT streams: each block's norms are folded, the block rotated and sliced from
+    the already sliced activations, and written; embedding and head are rotated in memory.
+    The folder equals the in-memory one tensor for tensor and loads with the same logits."""
+    record, streamed = _both(tmp_path, "slicegpt", **kw)
+    assert streamed.details["sliced_hidden_size"] == record.details["sliced_hidden_size"] < 64
+    ours, theirs = _weights(tmp_path / "disk"), _weights(tmp_path / "memory")
+    assert ours.keys() == theirs.keys()
+    assert any(name.endswith("attn_shortcut") for name in ours)
+    for name, tensor in theirs.items():
+        assert torch.equal(ours[name], tensor), name
+    ids = torch.tensor([[1, 300, 200, 100]])
+    disk, memory = (
+        prunekit.load_model(str(tmp_path / "disk")),
+        prunekit.load_model(str(tmp_path / "memory")),
+    )
+    assert torch.equal(disk.model(ids).logits, memory.model(ids).logits)

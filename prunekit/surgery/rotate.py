@@ -79,24 +79,25 @@ def untie_head(adapter: ModelAdapter) -> None:
     adapter.config.tie_word_embeddings = False
 
 
-def fold_norms(adapter: ModelAdapter) -> None:
-    """Move every residual norm's scale into the linears it feeds; norms become weightless.
+def fold_block_norms(adapter: ModelAdapter, block: nn.Module) -> None:
+    """Move `block`'s two norm scales into the linears they feed; its norms become
+    `WeightlessRMSNorm(hidden_size)` and the block computes the same function (exactly,
+    up to rounding)."""
+    for role, inputs in (("attn", ATTENTION_INPUTS), ("mlp", MLP_INPUTS)):
+        norm = adapter.norm(block, role)
+        for linear in role_linears(adapter, block, inputs):
+            scale_inputs(linear, adapter.norm_scale(norm))
+        norm = WeightlessRMSNorm(adapter.hidden_size, adapter.norm_eps(norm))
+        adapter.set_norm(block, role, norm)
 
-    Afterwards each norm is `WeightlessRMSNorm(hidden_size)` and the model computes the
-    same function (exactly, up to rounding).
-    """
+
+def fold_final_norm(adapter: ModelAdapter) -> None:
+    """Move the final norm's scale into the (untied) LM head; the norm becomes weightless."""
     check_rotatable(adapter)
     untie_head(adapter)
-    hidden = adapter.hidden_size
-    for block in adapter.blocks:
-        for role, inputs in (("attn", ATTENTION_INPUTS), ("mlp", MLP_INPUTS)):
-            norm = adapter.norm(block, role)
-            for linear in role_linears(adapter, block, inputs):
-                scale_inputs(linear, adapter.norm_scale(norm))
-            adapter.set_norm(block, role, WeightlessRMSNorm(hidden, adapter.norm_eps(norm)))
     final = adapter.final_norm
     scale_inputs(adapter.lm_head, adapter.norm_scale(final))
-    adapter.set_final_norm(WeightlessRMSNorm(hidden, adapter.norm_eps(final)))
+    adapter.set_final_norm(WeightlessRMSNorm(adapter.hidden_size, adapter.norm_eps(final)))
 
 
 def rotate_embedding(embed: nn.Embedding, basis: torch.Tensor) -> None:

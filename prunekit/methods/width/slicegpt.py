@@ -1,7 +1,7 @@
 """SliceGPT (Ashkboos et al., ICLR 2024): rotate the residual stream onto its principal
 directions and delete the least important ones.
 
-After the norm scales are folded into the following linears (`rotate.fold_norms`), every
+After the norm scales are folded into the following linears (`rotate.fold_*_norm*`), every
 RMS norm is invariant to an orthogonal change of basis of the residual stream. For each
 point of the stream (block inputs, attention-to-MLP residuals, block outputs) the
 calibration activations' covariance XᵀX gives a basis Q sorted by eigenvalue; linears
@@ -33,7 +33,8 @@ from prunekit.surgery.rotate import (
     ATTENTION_INPUTS,
     MLP_INPUTS,
     check_rotatable,
-    fold_norms,
+    fold_block_norms,
+    fold_final_norm,
     principal_basis,
     role_linears,
     rotate_embedding,
@@ -132,6 +133,7 @@ class SliceGPT(Method):
         "parameters)"
     )
     no_allocation = "slicegpt gives every block one width"
+    streams = True  # one pass over the blocks in order; embedding and head stay in memory
     Config = SliceGPTConfig
 
     def outcome(self, details: dict) -> str:
@@ -170,13 +172,13 @@ class SliceGPT(Method):
                 adapter, request.sparsity, round_to, self.config.slice_head
             )
 
-        fold_norms(adapter)
+        fold_final_norm(adapter)  # each block's norms are folded when the engine reaches it
         for index, block in enumerate(adapter.blocks):
             norms = adapter.norm(block, "attn"), adapter.norm(block, "mlp")
             adapter.blocks[index] = sliced_modeling.ShortcutDecoderLayer(block, *norms)
 
         runner = SequentialRunner(
-            adapter, calib, request.device, request.batch_size, progress="slicegpt"
+            adapter, calib, request.device, request.batch_size, progress="slicegpt", writes=True
         )
         full, values = principal_basis(covariance(runner.hidden))
         basis = full[:, :width]
@@ -216,6 +218,7 @@ class SliceGPT(Method):
         """Rotate and slice one block whose inputs are in `basis_in` [D, d]; return the
         basis of its outputs [D, out_width] and the energy kept at its two new bases."""
         adapter, layer = ctx.adapter, ctx.block
+        fold_block_norms(adapter, layer)
         for linear in role_linears(adapter, layer, ATTENTION_INPUTS):
             rotate_inputs(linear, basis_in)
         layer.attn_shortcut = _shortcut(basis_in.t(), layer)  # back to the full stream
