@@ -136,7 +136,7 @@ def main() -> None:
     report["commands"] = [*[c for c in report["commands"] if c != command], command]
     report["protocol"] = (
         f"{args.model}; {args.nsamples} calibration windows x {args.seqlen} tokens of "
-        f"WikiText-2 (tokenized wiki.train.tokens), seed 0; WikiText-2 and PTB test, "
+        f"WikiText-2 valid (tokenized wiki.valid.tokens), seed 0; WikiText-2 and PTB test, "
         f"first {args.eval_limit} windows of {args.eval_seqlen} tokens, reference "
         f"protocol (no BOS per window); {args.threads} thread(s) per run"
     )

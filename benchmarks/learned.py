@@ -62,7 +62,7 @@ def markdown(payload: dict) -> str:
     lines = [
         f"Model {args.model}; {args.sparsity:.0%} of KV groups and MLP channels; "
         f"{args.steps} training steps of {args.batch_size} x {args.seqlen} tokens for "
-        f"every method, on {args.steps * args.batch_size} seeded WikiText-2 train windows "
+        f"every method, on {args.steps * args.batch_size} seeded WikiText-2 valid windows "
         f"seen once each (FLAP scores on {args.nsamples}); perplexity on the "
         f"first {args.eval_limit} windows of "
         f"{args.eval_seqlen} tokens (reference protocol; WikiText-2 is the tokenized "
