@@ -71,7 +71,11 @@ def markdown(payload: dict) -> str:
         + f"; {args.threads} thread(s) per run. Command: `python benchmarks/learned.py "
         + command
         + "`"
-        + (f" (merged from {', '.join(payload['shards'])})" if "shards" in payload else "")
+        + (
+            f" (run as {len(payload['shards'])} processes over --methods, combined with --merge)"
+            if "shards" in payload
+            else ""
+        )
         + ".",
         "",
         "| method | decoder removed | "
