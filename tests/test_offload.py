@@ -37,6 +37,26 @@ def _both(tmp_path, method, **kw):
     return record, streamed
 
 
+def _assert_same_tensors(tmp_path) -> dict[str, torch.Tensor]:
+    """The streamed folder (`disk`) holds exactly the in-memory folder's (`memory`)
+    tensors; returns them."""
+    ours, theirs = _weights(tmp_path / "disk"), _weights(tmp_path / "memory")
+    assert ours.keys() == theirs.keys()
+    for name, tensor in theirs.items():
+        assert torch.equal(ours[name], tensor), name
+    return ours
+
+
+def _assert_same_logits(tmp_path) -> None:
+    """Both folders load through prunekit and give identical logits."""
+    ids = torch.tensor([[1, 300, 200, 100]])
+    disk, memory = (
+        prunekit.load_model(str(tmp_path / "disk")),
+        prunekit.load_model(str(tmp_path / "memory")),
+    )
+    assert torch.equal(disk.model(ids).logits, memory.model(ids).logits)
+
+
 @pytest.mark.parametrize(
     ("method", "kw"),
     [
@@ -49,10 +69,7 @@ def _both(tmp_path, method, **kw):
 )
 def test_streamed_pruning_equals_in_memory_bit_for_bit(tmp_path, method, kw):
     record, streamed = _both(tmp_path, method, **kw)
-    ours, theirs = _weights(tmp_path / "disk"), _weights(tmp_path / "memory")
-    assert ours.keys() == theirs.keys()
-    for name, tensor in theirs.items():
-        assert torch.equal(ours[name], tensor), name
+    _assert_same_tensors(tmp_path)
     assert streamed.layer_sparsity == record.layer_sparsity
     assert streamed.overall_sparsity == record.overall_sparsity
     assert streamed.request["offload"] == "disk"
@@ -178,9 +195,7 @@ def test_activations_in_file_backed_buffers_give_the_same_model(tmp_path):
     assert check_offload_budget(lm, 4000, 64, budget)  # 4000 x 64 do not: spill
     assert lm.adapter.offload.activations == tmp_path / "staging" / "activations"
     prunekit.save(lm, tmp_path / "disk", prunekit.prune(lm, "sparsegpt", **CALIB))
-    ours, theirs = _weights(tmp_path / "disk"), _weights(tmp_path / "memory")
-    for name, tensor in theirs.items():
-        assert torch.equal(ours[name], tensor), name
+    _assert_same_tensors(tmp_path)
 
 
 @pytest.mark.parametrize(
@@ -198,16 +213,8 @@ def test_streamed_width_pruning_equals_in_memory(tmp_path, method, kw):
     structures, and loads (per-layer widths through prunekit's modeling file)."""
     record, streamed = _both(tmp_path, method, **kw)
     assert streamed.details["kept"] == record.details["kept"]
-    ours, theirs = _weights(tmp_path / "disk"), _weights(tmp_path / "memory")
-    assert ours.keys() == theirs.keys()
-    for name, tensor in theirs.items():
-        assert torch.equal(ours[name], tensor), name
-    ids = torch.tensor([[1, 300, 200, 100]])
-    disk, memory = (
-        prunekit.load_model(str(tmp_path / "disk")),
-        prunekit.load_model(str(tmp_path / "memory")),
-    )
-    assert torch.equal(disk.model(ids).logits, memory.model(ids).logits)
+    _assert_same_tensors(tmp_path)
+    _assert_same_logits(tmp_path)
     saved = json.loads((tmp_path / "disk" / "prunekit.json").read_text())
     assert (
         saved["layout"] == json.loads((tmp_path / "memory" / "prunekit.json").read_text())["layout"]
@@ -222,10 +229,7 @@ def test_streamed_depth_pruning_equals_in_memory(tmp_path, method, kw):
     record, streamed = _both(tmp_path, method, **kw)
     assert streamed.details["removed_blocks"] == record.details["removed_blocks"]
     assert len(streamed.details["removed_blocks"]) == 2
-    ours, theirs = _weights(tmp_path / "disk"), _weights(tmp_path / "memory")
-    assert ours.keys() == theirs.keys()
-    for name, tensor in theirs.items():
-        assert torch.equal(ours[name], tensor), name
+    _assert_same_tensors(tmp_path)
     assert streamed.layer_sparsity == record.layer_sparsity
     ids = torch.tensor([[1, 300, 200, 100]])
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "disk")
@@ -243,14 +247,6 @@ def test_streamed_slicegpt_equals_in_memory(tmp_path, kw):
     The folder equals the in-memory one tensor for tensor and loads with the same logits."""
     record, streamed = _both(tmp_path, "slicegpt", **kw)
     assert streamed.details["sliced_hidden_size"] == record.details["sliced_hidden_size"] < 64
-    ours, theirs = _weights(tmp_path / "disk"), _weights(tmp_path / "memory")
-    assert ours.keys() == theirs.keys()
+    ours = _assert_same_tensors(tmp_path)
     assert any(name.endswith("attn_shortcut") for name in ours)
-    for name, tensor in theirs.items():
-        assert torch.equal(ours[name], tensor), name
-    ids = torch.tensor([[1, 300, 200, 100]])
-    disk, memory = (
-        prunekit.load_model(str(tmp_path / "disk")),
-        prunekit.load_model(str(tmp_path / "memory")),
-    )
-    assert torch.equal(disk.model(ids).logits, memory.model(ids).logits)
+    _assert_same_logits(tmp_path)
