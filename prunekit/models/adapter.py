@@ -199,6 +199,11 @@ class ModelAdapter:
         return getattr(self.config, "head_dim", None) or self.hidden_size // self.num_heads
 
     @property
+    def group_width(self) -> int:
+        """Input columns of o per KV group: head_dim x query heads per KV group."""
+        return self.head_dim * (self.num_heads // self.num_kv_heads)
+
+    @property
     def max_context(self) -> int | None:
         """Longest sequence the model accepts (tokens), or None when unbounded."""
         return context_length(self.config)

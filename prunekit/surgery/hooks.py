@@ -50,7 +50,6 @@ class StructureScales:
 
     def __init__(self, adapter: ModelAdapter):
         self.adapter = adapter
-        self.head_width = adapter.head_dim * (adapter.num_heads // adapter.num_kv_heads)
         self.values: dict[str, list[torch.Tensor]] = {}
 
     @contextmanager
@@ -90,7 +89,7 @@ class StructureScales:
 
         for i, block in enumerate(adapter.blocks):
             o, down = adapter.linear(block, "o"), adapter.linear(block, "down")
-            handles.append(o.register_forward_pre_hook(scale("kv", i, self.head_width)))
+            handles.append(o.register_forward_pre_hook(scale("kv", i, adapter.group_width)))
             handles.append(down.register_forward_pre_hook(scale("intermediate", i, 1)))
             handles.append(block.register_forward_hook(skip(i), with_kwargs=True))
             if hidden:

@@ -87,7 +87,6 @@ def fold(adapter: ModelAdapter, values: dict[str, list[torch.Tensor]], kinds: li
     and every norm's scale; with a tied LM head the embedding's scaling reaches the head
     and the final norm is left as it is (the reference, untied, also scales the head's
     columns, which its code calls a bug; that is left out)."""
-    head_width = adapter.head_dim * (adapter.num_heads // adapter.num_kv_heads)
 
     def scale(module: nn.Module, factor: torch.Tensor, axis: int) -> None:
         weight = module.weight
@@ -100,7 +99,7 @@ def fold(adapter: ModelAdapter, values: dict[str, list[torch.Tensor]], kinds: li
     for i, block in enumerate(adapter.blocks):
         o, down = adapter.linear(block, "o"), adapter.linear(block, "down")
         if "kv" in kinds:
-            scale(o, values["kv"][i].repeat_interleave(head_width), 1)
+            scale(o, values["kv"][i].repeat_interleave(adapter.group_width), 1)
         if "intermediate" in kinds:
             scale(down, values["intermediate"][i], 1)
         if "layers" in kinds:

@@ -120,7 +120,6 @@ class StructureMasks:
 
     def __init__(self, adapter: ModelAdapter, parts: list[Part]):
         self.adapter, self.parts = adapter, parts
-        self.head_width = adapter.head_dim * (adapter.num_heads // adapter.num_kv_heads)
         self.masks = [torch.ones(part.size) for part in parts]
 
     def set_keep(self, keep: torch.Tensor) -> None:
@@ -131,9 +130,10 @@ class StructureMasks:
     @contextmanager
     def attached(self) -> Iterator[StructureMasks]:
         """Hooks that apply the masks while the context is open."""
+        group = self.adapter.group_width
         handles = [
             _output_linear(self.adapter, part).register_forward_pre_hook(
-                input_scale_hook(lambda m=mask: m, self.head_width if part.kind == GROUP else 1)
+                input_scale_hook(lambda m=mask: m, group if part.kind == GROUP else 1)
             )
             for part, mask in zip(self.parts, self.masks, strict=True)
         ]
