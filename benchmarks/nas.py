@@ -10,15 +10,13 @@ Writes `results/<name>.json`, `.md` and the front as `<name>.png`.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 import torch
+from results_io import RESULTS, write
 
 import prunekit
-
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def plot(details: dict, dense: int, path: Path) -> None:
@@ -93,9 +91,6 @@ def main() -> None:
         f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "name"
     )
     payload = {"args": vars(args), "command": command, "rows": rows, "nas": details}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{args.name}.json").write_text(json.dumps(payload, indent=2) + "\n")
-    plot(details, before, RESULTS / f"{args.name}.png")
     lines = [
         f"Command: `{command}`. Calibration: WikiText-2 valid, {args.nsamples} x {args.seqlen} "
         f"tokens (the last 4 held out to score sub-networks); {args.space} search space over "
@@ -122,8 +117,10 @@ def main() -> None:
         mark = " (exported)" if p == details["pareto_front"][details["chosen"]] else ""
         lines.append(f"| {p['parameters'] / before:.3f}{mark} | {p['nll']:.3f} | "
                      f"{p['kv'][0]} | {p['intermediate'][0]} | {p['layers'][0]} |")  # fmt: skip
-    (RESULTS / f"{args.name}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    markdown = "\n".join(lines) + "\n"
+    write(payload, args.name, lambda _: markdown)
+    plot(details, before, RESULTS / f"{args.name}.png")
+    print(markdown)
 
 
 if __name__ == "__main__":
